@@ -1,0 +1,316 @@
+"""One typed configuration for every stage.
+
+Nested dataclasses are the schema; OmegaConf enforces it. A YAML file under ``configs/`` sets what
+differs from the defaults and may extend another file with ``base: other.yaml`` (paths relative to
+the file, chains allowed). ``key=value`` overrides from the command line are applied last.
+Unknown keys and wrong types are errors that name the key and the file, never silently ignored.
+
+The resolved config (defaults + files + overrides) is saved beside every artifact and inside every
+checkpoint, so any model can be rebuilt from its checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FoldsConfig",
+    "HeadConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PathsConfig",
+    "SchedulerConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, wrong type, impossible value)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is and how images are read and augmented."""
+
+    dataset: str = "glyphs"  # data lives in <input_dir>/<dataset>/
+    input_dir: str = "input"
+    csv: str = "train.csv"  # relative to the data set folder
+    image_dir: str = ""  # image paths in the CSV are relative to <input_dir>/<dataset>/<image_dir>
+    image_column: str = "image"
+    label_column: str = "label"
+    group_column: str | None = "group"  # super-class (SOP super_class_id, Happywhale species); null if none
+    id_column: str | None = None  # null: the image column is the id
+    image_size: int = 64
+    augment: str = "light"  # preset name, see arcfold.data.transforms.AUGMENT_PRESETS
+    hflip: float = 0.0  # horizontal-flip probability; 0 for characters (a flip changes them), ~0.5 for objects
+    cache_images: bool = True  # decode + resize every image once into RAM (fits for small/medium data sets)
+    num_workers: int = 0  # DataLoader workers; 0 = in-process (best on 2-core machines with the cache)
+    check_images: str = "decode"  # before training: "decode" every image, only check it "exists", or "none"
+
+
+@dataclass
+class FoldsConfig:
+    """StratifiedGroupKFold: no group appears in two folds."""
+
+    n_splits: int = 5
+    group_column: str | None = None  # null: data.group_column if set, else the class label
+    stratify_column: str | None = None  # null: the class label
+    min_class_size: int = 2  # drop classes with fewer images (2: every kept image can be a query)
+    seed: int = 42
+    path: str | None = None  # null: <paths.folds_dir>/<data.dataset>.csv
+
+
+@dataclass
+class ModelConfig:
+    """Embedding model: timm backbone -> pooling -> neck. Returns (B, embedding_size)."""
+
+    backbone: str = "resnet18"  # any timm model name
+    pretrained: bool = False  # timm's own loading (needs the hub cache or internet)
+    pretrained_path: str | None = None  # local weights file (offline Kaggle); never touches the network
+    pool: str = "gem"  # avg | gem
+    gem_p: float = 3.0
+    gem_trainable: bool = True
+    neck: str = "linear_bn_prelu"  # linear_bn | linear_bn_prelu
+    embedding_size: int = 512
+    drop_rate: float = 0.0  # dropout before the neck
+
+
+@dataclass
+class HeadConfig:
+    """Training-only margin head. Margins are in radians (0.5 rad = 28.6 degrees)."""
+
+    name: str = "arcface"
+    scale: float = 30.0  # s: logit scale; typical 16-64
+    margin: float = 0.3  # m in radians; typical 0.2-0.5
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3  # backbone, pooling and neck
+    head_lr: float | None = None  # margin head; null: 10 x lr (the class centres start random)
+    weight_decay: float = 1e-4  # not applied to biases and norm layers
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 1.0  # linear warm-up, counted in (fractions of) epochs
+    warmup_lr_factor: float = 0.01  # warm-up starts at this fraction of the lr
+    min_lr_factor: float = 0.01  # cosine ends at this fraction of the lr
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    accum_steps: int = 1  # gradient accumulation: an optimizer step every accum_steps batches
+    amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | fp16 | bf16 | off
+    grad_clip: float = 5.0  # max gradient norm; 0 disables
+    seed: int = 42  # the fold index is added, so folds differ but each is reproducible
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = False
+    limit_train_batches: int = 0  # >0: stop each epoch after this many batches (smoke tests)
+    resume: bool = False  # continue an interrupted fold from its last checkpoint
+    force: bool = False  # overwrite a finished fold's OOF and weights
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class PathsConfig:
+    folds_dir: str = "folds"
+    oof_dir: str = "oof"
+    models_dir: str = "models"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = ""  # experiment name: oof/<name>/, models/<name>/; empty: the config file's stem
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    # derived locations ---------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.input_dir) / self.data.dataset
+
+    @property
+    def folds_path(self) -> Path:
+        return Path(self.folds.path) if self.folds.path else Path(self.paths.folds_dir) / f"{self.data.dataset}.csv"
+
+    @property
+    def oof_dir(self) -> Path:
+        return Path(self.paths.oof_dir) / self.name
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.paths.models_dir) / self.name
+
+
+# Allowed values of the string options that pick a behaviour; components picked by name from a
+# registry (pool, neck, head, augment) are checked against their registries when built.
+_CHOICES = {
+    "data.check_images": ("decode", "exists", "none"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "scheduler.name": ("cosine", "constant"),
+    "train.amp": ("auto", "fp16", "bf16", "off"),
+}
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node[k], full + "."))
+    return keys
+
+
+def _suggest(key: str, schema: DictConfig) -> str:
+    close = difflib.get_close_matches(key, _all_keys(schema), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _merge(base: DictConfig, update: Any, source: str, schema: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise ConfigError(f"{source}: unknown config key '{key}'{_suggest(key, schema)}") from None
+    except ValidationError as e:
+        msg = str(e.msg).splitlines()[0]
+        raise ConfigError(f"{source}: invalid value for '{e.full_key}': {msg}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """[(file, mapping)] from the root base to ``path``; ``base:`` is relative to the file naming it."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(mapping).__name__}")
+    base = mapping.pop("base", None)
+    chain: list[tuple[Path, dict]] = []
+    if base:
+        chain = _load_yaml_chain((path.parent / base), (*seen, path))
+    return [*chain, (path, mapping)]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Defaults <- YAML chain (``base:``) <- ``key=value`` overrides, validated.
+
+    >>> cfg = load_config(None, ["train.epochs=3", "model.pool=avg"])
+    >>> cfg.train.epochs, cfg.model.pool
+    (3, 'avg')
+    """
+    schema = OmegaConf.structured(ExperimentConfig)
+    cfg = schema
+    if path is not None:
+        for file, mapping in _load_yaml_chain(Path(path)):
+            cfg = _merge(cfg, mapping, str(file), schema)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command-line overrides: {e}") from None
+    cfg = _merge(cfg, dotlist, "command-line override", schema)
+    obj: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if not obj.name:
+        obj.name = Path(path).stem if path is not None else "default"
+    validate_config(obj)
+    return obj
+
+
+def validate_config(cfg: ExperimentConfig) -> None:
+    """Values the type system cannot catch; all problems reported at once."""
+    problems = []
+    flat = config_to_dict(cfg)
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = flat[section][name]
+        if value not in allowed:
+            problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "folds.n_splits": cfg.folds.n_splits - 1,  # at least 2 splits
+        "model.embedding_size": cfg.model.embedding_size,
+        "head.scale": cfg.head.scale,
+        "optim.lr": cfg.optim.lr,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size - 1,  # batch norm needs 2+ samples
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "train.accum_steps": cfg.train.accum_steps,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            problems.append(f"{key} is too small (got {flat[key.split('.')[0]][key.split('.')[1]]})")
+    if cfg.optim.head_lr is not None and cfg.optim.head_lr <= 0:
+        problems.append(f"optim.head_lr must be positive (got {cfg.optim.head_lr})")
+    for key, value in {
+        "head.margin": cfg.head.margin,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "train.grad_clip": cfg.train.grad_clip,
+        "train.limit_train_batches": cfg.train.limit_train_batches,
+        "data.num_workers": cfg.data.num_workers,
+        "folds.min_class_size": cfg.folds.min_class_size,
+        "scheduler.warmup_epochs": cfg.scheduler.warmup_epochs,
+        "model.drop_rate": cfg.model.drop_rate,
+    }.items():
+        if value < 0:
+            problems.append(f"{key} must not be negative (got {value})")
+    if not 0.0 <= cfg.data.hflip <= 1.0:
+        problems.append(f"data.hflip is a probability in [0, 1] (got {cfg.data.hflip})")
+    if cfg.head.margin >= 3.1416:
+        problems.append(f"head.margin is in radians and must be < pi (got {cfg.head.margin}); 0.5 rad = 28.6 degrees")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain dict (str/int/float/bool/None only): safe to store in checkpoints and JSON."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def config_from_dict(mapping: dict[str, Any], source: str = "checkpoint") -> ExperimentConfig:
+    """Rebuild a config stored by :func:`config_to_dict` (same schema checks as files)."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    obj: ExperimentConfig = OmegaConf.to_object(_merge(schema, mapping, source, schema))  # type: ignore[assignment]
+    return obj
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

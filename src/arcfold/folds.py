@@ -1,0 +1,222 @@
+"""Folds stage: ``folds/<dataset>.csv`` = the validated training rows plus a ``fold`` column.
+
+scikit-learn's StratifiedGroupKFold assigns whole groups to folds, so no group (the super-class by
+default, else the class) appears in two folds and a fold's classes are never seen in training:
+the retrieval protocol of SOP/CUB/Cars, and what stops near-duplicate images of one object from
+leaking between train and validation.
+
+Stratification: every class lives inside one group, so the class label itself cannot be balanced
+across folds. By default the strata are class-size bins (quantiles of images per class), which gives
+every fold a similar mix of big and small classes. Any column can be named instead.
+
+``folds.seed`` feeds StratifiedGroupKFold's shuffle, which only reorders groups whose stratum
+distributions tie: with many similar groups (grouping by class) another seed gives other folds, with
+a handful of distinct super-classes the assignment is mostly fixed by the balancing itself.
+
+A JSON sidecar (``folds/<dataset>.json``) records the parameters, per-fold counts and a hash of the
+CSV; experiments store that hash, so OOF scores made on different folds are never compared.
+
+CLI::
+
+    python -m arcfold folds --config configs/glyphs_arcface.yaml [key=value ...] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from arcfold.config import ExperimentConfig, FoldsConfig
+from arcfold.data.table import FOLD, GROUP, LABEL, DataValidationError, load_train_table, read_csv
+from arcfold.io import atomic_path, save_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ensure_folds", "file_sha256", "load_folds", "make_folds", "write_folds"]
+
+SIZE_STRATA = "class_size_bin"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _column(df: pd.DataFrame, name: str | None, data_cfg_columns: dict[str, str], default: str) -> str:
+    """Map a user column name (or None) to the column of the standard frame that holds it."""
+    if not name:
+        return default
+    if name in data_cfg_columns:
+        return data_cfg_columns[name]
+    if name in df:
+        return name
+    raise DataValidationError(f"folds: column '{name}' not found; available: {', '.join(df.columns)}")
+
+
+def make_folds(
+    df: pd.DataFrame,
+    cfg: FoldsConfig,
+    group_col: str = GROUP,
+    stratify_col: str | None = None,
+) -> pd.DataFrame:
+    """Filter rare classes, then assign a ``fold`` to every row (whole groups per fold).
+
+    ``df`` is a standard frame (``label``/``group`` columns); returns a copy with ``fold`` added.
+    """
+    counts = df[LABEL].map(df[LABEL].value_counts())
+    keep = counts >= cfg.min_class_size
+    n_dropped_classes = df.loc[~keep, LABEL].nunique()
+    if n_dropped_classes:
+        log.info(
+            "folds: dropping %d classes (%d images) with fewer than %d images",
+            n_dropped_classes,
+            int((~keep).sum()),
+            cfg.min_class_size,
+        )
+    df = df.loc[keep].reset_index(drop=True)
+    if df.empty:
+        raise DataValidationError(f"folds: no class has at least folds.min_class_size={cfg.min_class_size} images")
+
+    # a class spread over several groups would put the same object in two folds
+    groups_per_class = df.groupby(LABEL)[group_col].nunique()
+    spread = groups_per_class[groups_per_class > 1]
+    if len(spread):
+        examples = ", ".join(map(repr, spread.index[:5].tolist()))
+        raise DataValidationError(
+            f"folds: {len(spread)} classes appear in more than one group of column '{group_col}' "
+            f"(e.g. {examples}); grouping by it would leak those classes across folds. "
+            "Fix the group column or set folds.group_column to the label column."
+        )
+
+    n_groups = df[group_col].nunique()
+    if n_groups < cfg.n_splits:
+        raise DataValidationError(
+            f"folds: only {n_groups} distinct groups in column '{group_col}', fewer than folds.n_splits={cfg.n_splits}"
+        )
+
+    if stratify_col is None:
+        sizes = df[LABEL].map(df[LABEL].value_counts())
+        n_bins = int(min(5, sizes.nunique()))
+        y = pd.qcut(sizes.rank(method="first"), q=n_bins, labels=False) if n_bins > 1 else np.zeros(len(df), int)
+    else:
+        y = pd.factorize(df[stratify_col])[0]
+    splitter = StratifiedGroupKFold(n_splits=cfg.n_splits, shuffle=True, random_state=cfg.seed)
+    fold = np.full(len(df), -1, dtype=np.int64)
+    groups = pd.factorize(df[group_col])[0]
+    with warnings.catch_warnings():
+        # "The least populated class in y has only N members": expected when strata are small
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(df)), np.asarray(y), groups)):
+            fold[val_idx] = k
+    assert (fold >= 0).all()
+    out = df.copy()
+    out.insert(4, FOLD, fold)
+    return out
+
+
+def fold_summary(folds_df: pd.DataFrame) -> list[dict]:
+    rows = []
+    for k, part in folds_df.groupby(FOLD):
+        rows.append(
+            {
+                "fold": int(k),
+                "n_images": len(part),
+                "n_classes": int(part[LABEL].nunique()),
+                "n_groups": int(part[GROUP].nunique()),
+            }
+        )
+    return rows
+
+
+def write_folds(folds_df: pd.DataFrame, path: Path, params: dict) -> dict:
+    with atomic_path(path) as tmp:
+        folds_df.to_csv(tmp, index=False)
+    meta = {"params": params, "sha256": file_sha256(path), "folds": fold_summary(folds_df)}
+    save_json(path.with_suffix(".json"), meta)
+    return meta
+
+
+def _params(cfg: ExperimentConfig) -> dict:
+    return {
+        "dataset": cfg.data.dataset,
+        "csv": cfg.data.csv,
+        "n_splits": cfg.folds.n_splits,
+        "group_column": cfg.folds.group_column or cfg.data.group_column or cfg.data.label_column,
+        "stratify_column": cfg.folds.stratify_column or SIZE_STRATA,
+        "min_class_size": cfg.folds.min_class_size,
+        "seed": cfg.folds.seed,
+    }
+
+
+def build_folds(cfg: ExperimentConfig) -> pd.DataFrame:
+    df = load_train_table(cfg.data)
+    columns = {cfg.data.label_column: LABEL}
+    if cfg.data.group_column:
+        columns[cfg.data.group_column] = GROUP
+    group_col = _column(df, cfg.folds.group_column, columns, GROUP)
+    stratify_col = _column(df, cfg.folds.stratify_column, columns, "") or None
+    return make_folds(df, cfg.folds, group_col=group_col, stratify_col=stratify_col)
+
+
+def ensure_folds(cfg: ExperimentConfig, force: bool = False) -> Path:
+    """Write the fold CSV if absent (or ``force``); reuse it if made with the same parameters."""
+    path = cfg.folds_path
+    params = _params(cfg)
+    meta_path = path.with_suffix(".json")
+    if path.exists() and not force:
+        if meta_path.exists():
+            stored = json.loads(meta_path.read_text())["params"]
+            if stored != params:
+                diff = {k: (stored.get(k), v) for k, v in params.items() if stored.get(k) != v}
+                raise DataValidationError(
+                    f"{path} was made with other fold parameters {diff} (stored, asked). "
+                    "Use another folds.path for these folds, or --force to remake them "
+                    "(experiments trained on the old folds can then no longer be compared)."
+                )
+        log.info("folds: reusing %s", path)
+        return path
+    folds_df = build_folds(cfg)
+    meta = write_folds(folds_df, path, params)
+    for row in meta["folds"]:
+        log.info("fold %(fold)d: %(n_images)d images, %(n_classes)d classes, %(n_groups)d groups", row)
+    log.info("folds: wrote %s", path)
+    return path
+
+
+def load_folds(path: str | Path) -> pd.DataFrame:
+    df = read_csv(Path(path))
+    missing = [c for c in ("id", "image", LABEL, GROUP, FOLD) if c not in df]
+    if missing:
+        raise DataValidationError(f"{path}: not a fold file, missing columns {missing}; remake it with the folds stage")
+    df[FOLD] = df[FOLD].astype(int)
+    return df
+
+
+def main(argv: list[str] | None = None) -> None:
+    from arcfold.cli import add_config_args, config_from_args, setup_logging
+
+    parser = argparse.ArgumentParser(prog="arcfold folds", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--force", action="store_true", help="remake the fold file even if it exists")
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = config_from_args(args)
+    from arcfold.prepare import ensure_dataset
+
+    ensure_dataset(cfg)
+    ensure_folds(cfg, force=args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The embedding model: timm backbone -> pooling -> neck, ``(B, 3, H, W) -> (B, D)``.
+
+The backbone is created with ``num_classes=0, global_pool=''`` so it returns its last feature map;
+pooling and neck are ours (see :mod:`arcfold.models.pooling`, :mod:`arcfold.models.necks`).
+The margin head is separate (:mod:`arcfold.models.heads`) and only exists while training.
+
+Checkpoints (``models/<experiment>/fold<K>.pt``) hold the embedding model's weights and the resolved
+config as plain data, so :func:`load_embedding_model` rebuilds the model from the file alone, and
+loads it with ``torch.load(weights_only=True)``: a checkpoint can never execute code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arcfold.config import ExperimentConfig, ModelConfig, config_from_dict, config_to_dict
+from arcfold.models.necks import build_neck
+from arcfold.models.pooling import build_pool
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CHECKPOINT_FORMAT", "EmbeddingModel", "build_model", "load_embedding_model", "embedding_checkpoint"]
+
+CHECKPOINT_FORMAT = "arcfold.embedding/1"
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """timm backbone without classifier or pooling; weights from timm, a local file, or random."""
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
+    if cfg.pretrained_path:
+        path = Path(cfg.pretrained_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained_path: no such file: {path}")
+        if cfg.backbone.startswith(("hf-hub:", "hf_hub:")):
+            raise ValueError("model.pretrained_path cannot be combined with an hf-hub: backbone name")
+        # A local file, loaded by timm itself (it drops the classifier weights and adapts input
+        # channels). url/hf_hub_id are blanked so no code path can reach for the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        overlay = {"file": str(path), "source": "", "url": None, "hf_hub_id": None}
+        try:
+            return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except RuntimeError as e:  # key/shape mismatch from load_state_dict
+            raise RuntimeError(f"model.pretrained_path={path} does not fit backbone {cfg.backbone!r}: {e}") from e
+    return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+
+
+class EmbeddingModel(nn.Module):
+    """``forward_features`` -> (B, C, h, w) feature map; ``forward`` -> (B, D) embedding (not normalised)."""
+
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone if backbone is not None else create_backbone(cfg)
+        self.pool = build_pool(cfg.pool, cfg.gem_p, cfg.gem_trainable)
+        self.dropout = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
+        self.neck = build_neck(cfg.neck, self.backbone.num_features, cfg.embedding_size)
+        self.embedding_size = cfg.embedding_size
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)  # (B, C, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.forward_features(x))  # (B, C)
+        return self.neck(self.dropout(pooled))  # (B, D)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 embeddings for retrieval: (B, D)."""
+        return F.normalize(self(x).float(), dim=1)
+
+
+def build_model(cfg: ModelConfig) -> EmbeddingModel:
+    return EmbeddingModel(cfg)
+
+
+def embedding_checkpoint(model: EmbeddingModel, cfg: ExperimentConfig, **extra: Any) -> dict[str, Any]:
+    """The dict saved as ``models/<experiment>/fold<K>.pt``: plain data + tensors only."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"format": CHECKPOINT_FORMAT, "config": config_to_dict(cfg), "state_dict": state, **extra}
+
+
+def load_embedding_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[EmbeddingModel, ExperimentConfig, dict[str, Any]]:
+    """Rebuild an embedding model from its checkpoint alone; returns (model in eval mode, config, checkpoint)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot load checkpoint {path}: truncated, corrupt or not an arcfold checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an arcfold embedding checkpoint (format {CHECKPOINT_FORMAT})")
+    cfg = config_from_dict(ckpt["config"], source=str(path))
+    # the weights come from the checkpoint: never load (or download) pretrained ones first
+    cfg.model.pretrained, cfg.model.pretrained_path = False, None
+    model = build_model(cfg.model)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), cfg, ckpt

@@ -1,0 +1,89 @@
+"""Score stage: per-fold and mean Recall@K / MAP@R of an experiment, from its ``oof/<exp>/fold<K>.json``.
+
+Writes ``oof/<exp>/scores.csv`` (one row per fold plus ``mean`` and ``std`` rows) and
+``oof/<exp>/scores.json``, and prints the table.
+
+With ``--recompute`` the scores are recomputed from the OOF embeddings (``fold<K>.npz``) instead of
+read from the JSON written at training time, e.g. after changing the metric code.
+
+CLI::
+
+    python -m arcfold score --config configs/glyphs_arcface.yaml      # or: --experiment NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from arcfold.io import load_npz, save_json, save_text
+from arcfold.metrics import DEFAULT_KS, retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["score_experiment"]
+
+METRIC_COLUMNS = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
+
+
+def score_experiment(oof_dir: str | Path, recompute: bool = False) -> pd.DataFrame:
+    """Table of per-fold scores with ``mean`` and ``std`` rows; written beside the OOF files."""
+    oof_dir = Path(oof_dir)
+    files = sorted(oof_dir.glob("fold*.npz"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        raise FileNotFoundError(f"no finished folds in {oof_dir} (expected fold<K>.npz)")
+    rows = []
+    for npz in files:
+        fold = int(npz.stem[4:])
+        if recompute:
+            arrays = load_npz(npz)
+            metrics = retrieval_metrics(arrays["embeddings"], arrays["labels"], ks=DEFAULT_KS)
+            row = {"fold": fold, **metrics}
+        else:
+            stored = json.loads(npz.with_suffix(".json").read_text())
+            row = {"fold": fold, **{k: stored[k] for k in (*METRIC_COLUMNS, "n_queries", "best_epoch")}}
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("fold")
+    per_fold = table[METRIC_COLUMNS]
+    summary = pd.concat([per_fold, per_fold.mean().to_frame("mean").T, per_fold.std(ddof=0).to_frame("std").T])
+    summary.index = summary.index.astype(str)
+    summary.index.name = "fold"
+    save_text(oof_dir / "scores.csv", summary.to_csv(float_format="%.6f"))
+    save_json(
+        oof_dir / "scores.json",
+        {
+            "experiment": oof_dir.name,
+            "folds": [int(f) for f in table.index],
+            "mean": summary.loc["mean"].to_dict(),
+            "std": summary.loc["std"].to_dict(),
+            "per_fold": {str(k): v for k, v in per_fold.to_dict(orient="index").items()},
+        },
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from arcfold.cli import setup_logging
+    from arcfold.config import load_config
+
+    parser = argparse.ArgumentParser(prog="arcfold score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", "-c", default=None, help="experiment config (its name picks oof/<name>/)")
+    parser.add_argument("--experiment", "-e", default=None, help="experiment name (instead of --config)")
+    parser.add_argument("--oof-dir", default="oof")
+    parser.add_argument("--recompute", action="store_true", help="recompute from the OOF embeddings")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.experiment:
+        oof_dir = Path(args.oof_dir) / args.experiment
+    else:
+        cfg = load_config(args.config, args.overrides)
+        oof_dir = cfg.oof_dir
+    summary = score_experiment(oof_dir, recompute=args.recompute)
+    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160):
+        print(f"\n{oof_dir.name}: leave-one-out retrieval on each held-out fold\n{summary}\n")
+    log.info("wrote %s", oof_dir / "scores.csv")

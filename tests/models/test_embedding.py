@@ -1,0 +1,64 @@
+import socket
+
+import pytest
+import timm
+import torch
+
+from arcfold.config import load_config
+from arcfold.models.embedding import build_model, embedding_checkpoint, load_embedding_model
+
+
+def _cfg(*overrides):
+    return load_config(None, ["model.backbone=resnet10t", "model.embedding_size=32", *overrides])
+
+
+@pytest.mark.parametrize("pool, neck", [("gem", "linear_bn_prelu"), ("avg", "linear_bn")])
+def test_embedding_shapes(pool, neck):
+    model = build_model(_cfg(f"model.pool={pool}", f"model.neck={neck}").model).eval()
+    x = torch.randn(3, 3, 32, 32)
+    assert model.forward_features(x).shape[:2] == (3, model.backbone.num_features)
+    assert model(x).shape == (3, 32)
+    norms = model.embed(x).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(3))
+
+
+def test_checkpoint_rebuilds_the_model_alone(tmp_path):
+    cfg = _cfg("model.pool=gem")
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():
+        model.pool.p.fill_(2.5)  # a trained, non-default value must survive
+    torch.save(embedding_checkpoint(model, cfg, fold=0), tmp_path / "fold0.pt")
+    loaded, loaded_cfg, ckpt = load_embedding_model(tmp_path / "fold0.pt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert loaded_cfg.model == cfg.model and ckpt["fold"] == 0
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    path = tmp_path / "fold0.pt"
+    torch.save(embedding_checkpoint(build_model(_cfg().model), _cfg()), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated, corrupt"):
+        load_embedding_model(path)
+
+
+def test_pretrained_path_loads_local_weights_without_network(tmp_path, monkeypatch):
+    # a "downloaded" timm checkpoint with its classifier, as a Kaggle data set would hold it
+    source = timm.create_model("resnet10t", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "resnet10t.pth")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to open a network connection")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    model = build_model(_cfg(f"model.pretrained_path={tmp_path / 'resnet10t.pth'}").model)
+    torch.testing.assert_close(model.backbone.conv1[0].weight, source.conv1[0].weight)
+
+
+def test_pretrained_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained_path"):
+        build_model(_cfg(f"model.pretrained_path={tmp_path / 'missing.pth'}").model)
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(RuntimeError, match="does not fit backbone 'resnet10t'"):
+        build_model(_cfg(f"model.pretrained_path={tmp_path / 'resnet18.pth'}").model)
