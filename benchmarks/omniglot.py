@@ -24,7 +24,6 @@ Writes ``benchmarks/results/omniglot.json`` and ``benchmarks/results/omniglot.md
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -154,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     save_json(RESULTS / "omniglot.json", result)
     lines = [
-        f"# Omniglot benchmark (fold {args.fold}, {cfg.train.epochs} epochs, {cfg.model.backbone} {cfg.data.image_size}px)",
+        f"# Omniglot benchmark (fold {args.fold}, {cfg.train.epochs} epochs, "
+        f"{cfg.model.backbone} {cfg.data.image_size}px)",
         "",
         f"`{result['command']}` on {result['machine']}",
         "",
