@@ -18,7 +18,10 @@ def _sop_like(tmp_path, rows):
     data.mkdir(parents=True)
     (data / "train.csv").write_text("path,class_id,super_class_id,extra\n" + "\n".join(rows) + "\n")
     cfg = DataConfig(
-        dataset="sop", input_dir=str(tmp_path / "input"), image_column="path", label_column="class_id",
+        dataset="sop",
+        input_dir=str(tmp_path / "input"),
+        image_column="path",
+        label_column="class_id",
         group_column="super_class_id",
     )
     return data, cfg

@@ -18,7 +18,8 @@ def test_arcface_logits_closed_form():
     logits = arcface_logits(cosine, labels, margin=m, scale=s)
     expected_target = [s * math.cos(0.3 + m), s * math.cos(1.2 + m), s * (math.cos(2.9) - m * math.sin(m))]
     assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits[:, 0].double(), torch.tensor(expected_target, dtype=torch.float64), atol=1e-4, rtol=0)
+    expected = torch.tensor(expected_target, dtype=torch.float64)
+    torch.testing.assert_close(logits[:, 0].double(), expected, atol=1e-4, rtol=0)
     # non-target logits are only scaled
     torch.testing.assert_close(logits[:, 1].double(), s * other, atol=1e-5, rtol=0)
 
