@@ -13,7 +13,10 @@ does this itself; the reference loop is given the same selection so neither is f
     linear layer to 512-d), Adam, no augmentation, images preloaded as tensors (so its data pipeline
     costs nothing: the strictest throughput comparison for ours).
 
-Throughput is training images per second over the training loop only (validation excluded).
+Throughput is training images per second over the training loop only (validation excluded). These
+2-core VMs drift by 10-20% over minutes, so the target is judged on an interleaved measurement
+(alternating rounds of both training loops in one process, medians); the mean throughputs of the two
+full runs, made one after the other, are reported too.
 Run from the project root (needs ``../shared/data/omniglot``)::
 
     python benchmarks/omniglot.py [--epochs 10] [--fold 0]
@@ -57,6 +60,79 @@ def load_tensors(paths: list[str], size: int) -> torch.Tensor:
     return (x - mean) / std  # (N, 3, H, W)
 
 
+def reference_step(cfg, n_classes: int):
+    """The reference model and its training step: timm backbone to 512-d + PML ArcFaceLoss + Adam."""
+    model = timm.create_model(cfg.model.backbone, pretrained=False, num_classes=cfg.model.embedding_size)
+    loss_fn = ArcFaceLoss(num_classes=n_classes, embedding_size=cfg.model.embedding_size)
+    optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=cfg.optim.lr)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = loss_fn(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return model, step
+
+
+def interleaved_throughput(cfg, fold: int, rounds: int = 9, batches: int = 6) -> dict:
+    """Training images/s of both loops measured in alternating rounds, so machine drift hits both alike.
+
+    Ours is arcfold's real epoch function on the real data path (cached images, albumentations, batches
+    collated by a DataLoader); the reference steps on preloaded tensors. Each round times ``batches``
+    batches of each, first batch included.
+    """
+    from torch.utils.data import DataLoader
+
+    from arcfold.data.dataset import ImageDataset
+    from arcfold.data.transforms import build_train_transform
+    from arcfold.models.embedding import build_model
+    from arcfold.models.heads import build_head
+    from arcfold.train import _train_one_epoch, build_optimizer
+
+    folds_df = load_folds(cfg.folds_path)
+    train_df = folds_df[folds_df[FOLD] != fold].reset_index(drop=True)
+    classes = np.sort(train_df[LABEL].unique())
+    labels = np.searchsorted(classes, train_df[LABEL].to_numpy())
+    size, bs = cfg.data.image_size, cfg.train.batch_size
+    paths = resolve_image_paths(train_df, image_root(cfg.data))
+    transform = build_train_transform(cfg.data.augment, size, cfg.data.hflip, seed=0)
+    dataset = ImageDataset(paths, labels, transform, cache=True, cache_size=size, progress=False)
+    model = build_model(cfg.model)
+    head = build_head(cfg.head, cfg.model.embedding_size, len(classes))
+    optimizer = build_optimizer(cfg, model, head)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    cfg.train.progress = False
+
+    x_ref, y_ref = load_tensors(paths, size), torch.from_numpy(labels)
+    _, ref_step = reference_step(cfg, len(classes))
+    ours, ref = [], []
+    for _ in range(rounds):
+        loader = DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=True)
+        stats = _train_one_epoch(
+            cfg, model, head, loader, batches, optimizer, scheduler, scaler, params, torch.device("cpu"), None, 0
+        )
+        ours.append(stats["train_images_per_s"])
+        order = torch.randperm(len(x_ref))
+        t0 = time.time()
+        for b in range(batches):
+            idx = order[b * bs : (b + 1) * bs]
+            ref_step(x_ref[idx], y_ref[idx])
+        ref.append(batches * bs / (time.time() - t0))
+        log.info("interleaved round: ours %.1f img/s, reference %.1f img/s", ours[-1], ref[-1])
+    return {
+        "rounds": rounds,
+        "batches_per_round": batches,
+        "arcfold_images_per_s": ours,
+        "reference_images_per_s": ref,
+        "median_arcfold": float(np.median(ours)),
+        "median_reference": float(np.median(ref)),
+        "ratio": float(np.median(ours) / np.median(ref)),
+    }
+
+
 def run_reference(cfg, fold: int) -> dict:
     """Plain PyTorch + pytorch-metric-learning ArcFaceLoss, same backbone/budget, best epoch by R@1."""
     folds_df = load_folds(cfg.folds_path)
@@ -69,9 +145,7 @@ def run_reference(cfg, fold: int) -> dict:
     x_val = load_tensors(resolve_image_paths(val_df, root), cfg.data.image_size)
 
     seed_everything(cfg.train.seed + fold)
-    model = timm.create_model(cfg.model.backbone, pretrained=False, num_classes=cfg.model.embedding_size)
-    loss_fn = ArcFaceLoss(num_classes=len(classes), embedding_size=cfg.model.embedding_size)
-    optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=cfg.optim.lr)
+    model, step = reference_step(cfg, len(classes))
     bs = cfg.train.batch_size
     history, best = [], {"recall@1": -1.0}
     for epoch in range(cfg.train.epochs):
@@ -81,10 +155,7 @@ def run_reference(cfg, fold: int) -> dict:
         t0 = time.time()
         for b in range(n_batches):
             idx = order[b * bs : (b + 1) * bs]
-            loss = loss_fn(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(x_train[idx], y_train[idx])
         images_per_s = n_batches * bs / (time.time() - t0)
         model.eval()
         with torch.no_grad():
@@ -131,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     ours = run_arcfold(cfg, args.fold)
     reference = run_reference(cfg, args.fold)
-    ratio = ours["train_images_per_s"] / reference["train_images_per_s"]
+    interleaved = interleaved_throughput(cfg, args.fold)
+    ratio = interleaved["ratio"]
+    sequential_ratio = ours["train_images_per_s"] / reference["train_images_per_s"]
     result = {
         "benchmark": "omniglot",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -144,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         "arcfold": ours,
         "reference": reference,
         "throughput_ratio": ratio,
+        "throughput_interleaved": interleaved,
+        "throughput_ratio_of_the_full_runs": sequential_ratio,
         "targets": {
             "recall@1 ours >= reference": ours["best"]["recall@1"] >= reference["best"]["recall@1"],
             "throughput ours >= 0.95 x reference": ratio >= 0.95,
@@ -167,7 +242,15 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {b['epoch']} | {b['recall@1']:.4f} | {b['recall@5']:.4f} | {b['recall@10']:.4f} "
             f"| {b['map@r']:.4f} | {run['train_images_per_s']:.1f} |"
         )
-    lines += ["", f"Throughput ratio (ours / reference): {ratio:.3f}", ""]
+    lines += [
+        "",
+        f"Throughput ratio (ours / reference), interleaved rounds: {ratio:.3f} "
+        f"(medians {interleaved['median_arcfold']:.1f} / {interleaved['median_reference']:.1f} img/s over "
+        f"{interleaved['rounds']} alternating rounds of {interleaved['batches_per_round']} batches).",
+        f"Ratio of the two full runs' mean throughputs (run one after the other, so exposed to this VM's "
+        f"drift): {sequential_ratio:.3f}.",
+        "",
+    ]
     lines += [f"- {k}: {'met' if v else 'NOT met'}" for k, v in result["targets"].items()]
     save_text(RESULTS / "omniglot.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

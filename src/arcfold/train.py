@@ -146,7 +146,9 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module, head: nn.Module) ->
     groups += [{**g, "lr": head_lr} for g in param_groups_weight_decay(head, o.weight_decay)]
     groups = [g for g in groups if len(g["params"])]
     kwargs: dict[str, Any] = {"momentum": o.momentum} if o.name == "sgd" else {}
-    return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, **kwargs)
+    # foreach: one multi-tensor kernel per update instead of a Python loop over ~100 tensors. PyTorch
+    # only defaults to it on CUDA; on CPU it made a resnet18 step at 64 px ~4% faster (benchmarks/).
+    return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, foreach=True, **kwargs)
 
 
 def save_history(path: Path, history: list[dict]) -> None:
@@ -220,7 +222,10 @@ def _train_fold(cfg: ExperimentConfig, fold: int, paths: FoldPaths, resume: bool
     if not 0 <= fold < n_splits:
         raise ValueError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")
     root = image_root(cfg.data)
-    check_image_files(folds_df, root, mode=cfg.data.check_images, source=folds_path, progress=cfg.train.progress)
+    # The folds stage decoded every image already (data.check_images); here, per fold, only check the
+    # files are still there: decoding 1.6M landmark images again for every fold would cost minutes.
+    check = "exists" if cfg.data.check_images == "decode" else cfg.data.check_images
+    check_image_files(folds_df, root, mode=check, source=folds_path, progress=cfg.train.progress)
 
     train_df = folds_df[folds_df[FOLD] != fold].reset_index(drop=True)
     val_df = folds_df[folds_df[FOLD] == fold].reset_index(drop=True)

@@ -1,0 +1,101 @@
+"""The training loop's mechanics on in-memory batches: accumulation, schedule, AMP, non-finite losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from arcfold.config import load_config
+from arcfold.models.embedding import build_model
+from arcfold.models.heads import build_head
+from arcfold.train import _train_one_epoch, amp_dtype_for, build_optimizer, lr_factor
+
+from .conftest import TINY
+
+
+def _setup(*overrides, n_batches=6):
+    cfg = load_config(None, [*TINY, "model.embedding_size=16", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    head = build_head(cfg.head, cfg.model.embedding_size, 5)
+    optimizer = build_optimizer(cfg, model, head)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))) for _ in range(n_batches)]
+    return cfg, model, head, optimizer, scheduler, batches
+
+
+def _epoch(cfg, model, head, optimizer, scheduler, batches, amp_dtype=None):
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return _train_one_epoch(
+        cfg, model, head, batches, len(batches), optimizer, scheduler, scaler, params, torch.device("cpu"),
+        amp_dtype, epoch=0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("accum, n_batches, updates", [(1, 6, 6), (2, 6, 3), (4, 6, 2), (3, 7, 3)])
+def test_gradient_accumulation_steps_the_optimizer_every_accum_batches(accum, n_batches, updates):
+    cfg, model, head, optimizer, scheduler, batches = _setup(f"train.accum_steps={accum}", n_batches=n_batches)
+    _epoch(cfg, model, head, optimizer, scheduler, batches)
+    assert scheduler.last_epoch == updates == math.ceil(n_batches / accum)  # the last partial window steps too
+    assert optimizer.state[head.weight]["step"].item() == updates
+
+
+def test_head_gets_its_own_learning_rate_and_no_decay_on_norms():
+    cfg, model, head, optimizer, *_ = _setup("optim.lr=0.001", "optim.head_lr=0.05", "optim.weight_decay=0.01")
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert group_of[id(head.weight)]["lr"] == 0.05
+    assert group_of[id(model.neck[0].weight)]["lr"] == 0.001 and group_of[id(model.neck[0].weight)]["weight_decay"] > 0
+    assert group_of[id(model.neck[1].weight)]["weight_decay"] == 0  # batch-norm scale
+    assert group_of[id(model.pool.p)]["weight_decay"] == 0  # GeM p
+
+
+def test_schedule_warms_up_then_follows_a_cosine_to_the_floor():
+    f = [lr_factor(s, total=100, warmup=10, warmup_factor=0.01, min_factor=0.05, name="cosine") for s in range(101)]
+    assert f[0] == pytest.approx(0.01) and f[10] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.05 + 0.95 * 0.5)  # half-way through the cosine
+    assert f[100] == pytest.approx(0.05)
+    assert all(a <= b for a, b in zip(f[:10], f[1:11], strict=True))
+    assert all(a >= b for a, b in zip(f[10:-1], f[11:], strict=True))
+
+
+def test_bf16_autocast_on_cpu_trains_with_finite_loss():
+    cfg, model, head, optimizer, scheduler, batches = _setup("train.amp=bf16")
+    before = model.neck[0].weight.detach().clone()
+    stats = _epoch(
+        cfg, model, head, optimizer, scheduler, batches, amp_dtype=amp_dtype_for("bf16", torch.device("cpu"))
+    )
+    assert math.isfinite(stats["train_loss"]) and stats["skipped_batches"] == 0
+    assert torch.isfinite(model.neck[0].weight).all() and not torch.equal(model.neck[0].weight, before)
+
+
+def test_amp_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype_for("auto", cpu) is None and amp_dtype_for("auto", cuda) is torch.float16
+    assert amp_dtype_for("bf16", cpu) is torch.bfloat16 and amp_dtype_for("off", cuda) is None
+    with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
+        amp_dtype_for("fp16", cpu)
+
+
+class _FlakyHead(torch.nn.Module):
+    """Wraps a head; returns a non-finite loss on the calls listed (an fp16 overflow, say)."""
+
+    def __init__(self, head, bad_calls):
+        super().__init__()
+        self.head, self.bad_calls, self.calls = head, set(bad_calls), 0
+
+    def forward(self, embeddings, labels):
+        loss = self.head(embeddings, labels)
+        self.calls += 1
+        return loss * float("inf") if self.calls - 1 in self.bad_calls else loss
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run():
+    cfg, model, head, optimizer, scheduler, batches = _setup(n_batches=12)
+    stats = _epoch(cfg, model, _FlakyHead(head, {1, 2}), optimizer, scheduler, batches)
+    assert stats["skipped_batches"] == 2 and scheduler.last_epoch == 10 and math.isfinite(stats["train_loss"])
+    assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers(), *head.parameters()])
+    with pytest.raises(FloatingPointError, match="10 non-finite losses in a row"):
+        _epoch(cfg, model, _FlakyHead(head, range(12)), optimizer, scheduler, batches)
