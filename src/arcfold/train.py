@@ -22,6 +22,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import shutil
@@ -48,6 +49,7 @@ from arcfold.io import ArtifactExistsError, load_npz, save_json, save_npz, save_
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 from arcfold.models.embedding import build_model, embedding_checkpoint
 from arcfold.models.heads import build_head
+from arcfold.prepare import ensure_dataset
 
 log = logging.getLogger(__name__)
 
@@ -194,26 +196,22 @@ def check_fold_state(paths: FoldPaths, resume: bool, force: bool) -> str:
 
 def train_fold(cfg: ExperimentConfig, fold: int) -> dict[str, Any]:
     """Train, validate and save one fold; return its scores (the content of ``fold<K>.json``)."""
-    from arcfold.prepare import ensure_dataset
-
     paths = FoldPaths(cfg, fold)
     state = check_fold_state(paths, cfg.train.resume, cfg.train.force)
     if state == "done":
         log.info("fold %d of '%s' is already finished: %s (train.force=true retrains it)", fold, cfg.name, paths.oof)
-        import json
-
         return json.loads(paths.scores.read_text())
     if state == "fresh" and paths.work.exists():
         shutil.rmtree(paths.work)
     handler = _attach_file_log(paths.log_file)
     try:
-        return _train_fold(cfg, fold, paths, resume=state == "resume", ensure_dataset=ensure_dataset)
+        return _train_fold(cfg, fold, paths, resume=state == "resume")
     finally:
         logging.getLogger("arcfold").removeHandler(handler)
         handler.close()
 
 
-def _train_fold(cfg: ExperimentConfig, fold: int, paths: FoldPaths, resume: bool, ensure_dataset) -> dict[str, Any]:
+def _train_fold(cfg: ExperimentConfig, fold: int, paths: FoldPaths, resume: bool) -> dict[str, Any]:
     started = time.time()
     ensure_dataset(cfg)
     folds_path = ensure_folds(cfg)
