@@ -70,7 +70,7 @@ def embed_with_models(checkpoints: list[Path], paths: list[str], batch_size: int
         dataset = ImageDataset(paths, None, build_eval_transform(size), cache=True, cache_size=size)
         views = [extract_embeddings(model, dataset, batch_size=batch_size, device=device, desc=f"{ckpt.stem}")]
         if tta_flip:
-            dataset._cache = [np.ascontiguousarray(im[:, ::-1]) for im in dataset._cache]
+            dataset.transform = build_eval_transform(size, hflip=True)  # same decoded cache, flipped view
             views.append(extract_embeddings(model, dataset, batch_size=batch_size, device=device, desc="flip"))
         emb = np.mean(views, axis=0)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)

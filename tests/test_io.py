@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from arcfold.io import ArtifactExistsError, atomic_path, guard_overwrite, load_npz, save_json, save_npz
+from arcfold.io import atomic_path, load_npz, save_json, save_npz
 
 
 def test_atomic_write_leaves_old_file_on_crash(tmp_path):
@@ -22,12 +22,3 @@ def test_npz_round_trip_and_truncation(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated"):
         load_npz(path)
-
-
-def test_guard_overwrite(tmp_path):
-    path = tmp_path / "fold0.pt"
-    guard_overwrite(path, force=False)
-    path.write_text("x")
-    with pytest.raises(ArtifactExistsError, match="force"):
-        guard_overwrite(path, force=False)
-    guard_overwrite(path, force=True)

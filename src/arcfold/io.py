@@ -22,7 +22,6 @@ import numpy as np
 __all__ = [
     "ArtifactExistsError",
     "atomic_path",
-    "guard_overwrite",
     "load_npz",
     "save_json",
     "save_npz",
@@ -58,14 +57,6 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def guard_overwrite(path: str | os.PathLike, force: bool, what: str = "artifact") -> None:
-    """Raise :class:`ArtifactExistsError` if ``path`` exists and ``force`` is false."""
-    if Path(path).exists() and not force:
-        raise ArtifactExistsError(
-            f"{what} already exists: {path}. Refusing to overwrite a finished result; pass force=true (or --force)."
-        )
 
 
 def save_text(path: str | os.PathLike, text: str) -> None:

@@ -27,7 +27,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from arcfold.data.table import FOLD, GROUP, ID, IMAGE, LABEL, check_image_files,
 from arcfold.data.transforms import build_eval_transform, build_train_transform
 from arcfold.embed import extract_embeddings
 from arcfold.folds import ensure_folds, file_sha256, load_folds
-from arcfold.io import ArtifactExistsError, load_npz, save_json, save_npz, save_text, save_torch
+from arcfold.io import ArtifactExistsError, atomic_path, load_npz, save_json, save_npz, save_text, save_torch
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 from arcfold.models.embedding import build_model, embedding_checkpoint
 from arcfold.models.heads import build_head
@@ -59,38 +58,21 @@ TRAIN_STATE_FORMAT = "arcfold.train_state/1"
 MAX_NONFINITE_IN_A_ROW = 10
 
 
-@dataclass
 class FoldPaths:
-    """Where one fold's artifacts live."""
+    """Where one fold's artifacts live (see the module docstring)."""
 
-    cfg: ExperimentConfig
-    fold: int
-    work: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.work = self.cfg.models_dir / f"fold{self.fold}"
-
-    @property
-    def weights(self) -> Path:
-        return self.cfg.models_dir / f"fold{self.fold}.pt"
-
-    @property
-    def oof(self) -> Path:
-        return self.cfg.oof_dir / f"fold{self.fold}.npz"
-
-    @property
-    def scores(self) -> Path:
-        return self.cfg.oof_dir / f"fold{self.fold}.json"
-
-    @property
-    def config(self) -> Path:
-        return self.cfg.oof_dir / f"fold{self.fold}.config.yaml"
-
-    last = property(lambda self: self.work / "last.pt")
-    best = property(lambda self: self.work / "best.pt")
-    best_oof = property(lambda self: self.work / "best_oof.npz")
-    history = property(lambda self: self.work / "history.csv")
-    log_file = property(lambda self: self.work / "train.log")
+    def __init__(self, cfg: ExperimentConfig, fold: int) -> None:
+        self.cfg, self.fold = cfg, fold
+        self.work = cfg.models_dir / f"fold{fold}"
+        self.weights = cfg.models_dir / f"fold{fold}.pt"
+        self.oof = cfg.oof_dir / f"fold{fold}.npz"
+        self.scores = cfg.oof_dir / f"fold{fold}.json"
+        self.config = cfg.oof_dir / f"fold{fold}.config.yaml"
+        self.last = self.work / "last.pt"
+        self.best = self.work / "best.pt"
+        self.best_oof = self.work / "best_oof.npz"
+        self.history = self.work / "history.csv"
+        self.log_file = self.work / "train.log"
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,8 +136,6 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module, head: nn.Module) ->
 
 
 def save_history(path: Path, history: list[dict]) -> None:
-    from arcfold.io import atomic_path
-
     with atomic_path(path) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
 
@@ -453,8 +433,8 @@ def _finalize(cfg, fold, paths: FoldPaths, val_df, best, history, folds_path, se
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     # weights first, OOF last: the OOF file is what marks the fold finished
-    shutil.copyfile(paths.best, paths.weights.with_suffix(".pt.tmp"))
-    paths.weights.with_suffix(".pt.tmp").replace(paths.weights)
+    with atomic_path(paths.weights) as tmp:
+        shutil.copyfile(paths.best, tmp)
     save_text(paths.config, config_to_yaml(cfg))
     save_json(paths.scores, scores)
     save_npz(

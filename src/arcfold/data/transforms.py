@@ -81,5 +81,6 @@ def build_train_transform(preset: str, image_size: int, hflip: float = 0.0, seed
     return A.Compose([*steps, *_finish(image_size)], seed=seed)
 
 
-def build_eval_transform(image_size: int) -> A.Compose:
-    return A.Compose(_finish(image_size))
+def build_eval_transform(image_size: int, hflip: bool = False) -> A.Compose:
+    """Resize + normalise; ``hflip=True`` always flips (the flipped view of test-time augmentation)."""
+    return A.Compose([*([A.HorizontalFlip(p=1.0)] if hflip else []), *_finish(image_size)])
