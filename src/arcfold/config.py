@@ -27,6 +27,7 @@ __all__ = [
     "ExperimentConfig",
     "FoldsConfig",
     "HeadConfig",
+    "SamplerConfig",
     "ModelConfig",
     "OptimConfig",
     "PathsConfig",
@@ -92,18 +93,50 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    """Training-only margin head. Margins are in radians (0.5 rad = 28.6 degrees)."""
+    """The training-only objective on the embeddings: a margin head or a pair/proxy loss, picked by ``name``.
+
+    Margin heads (class centres W, cosine logits, cross-entropy): softmax, norm_softmax, cosface,
+    arcface, subcenter_arcface, adacos. Pair/proxy losses from pytorch-metric-learning: contrastive,
+    triplet, ntxent, proxy_nca, proxy_anchor, margin, multi_similarity, soft_triple, fastap, snr.
+    Margins are in radians for arcface/subcenter_arcface (0.5 rad = 28.6 degrees), in cosine units for
+    cosface. See arcfold.models.heads and arcfold.models.losses.
+    """
 
     name: str = "arcface"
-    scale: float = 30.0  # s: logit scale; typical 16-64
-    margin: float = 0.3  # m in radians; typical 0.2-0.5
+    scale: float = 30.0  # s: logit scale; typical 16-64 (norm_softmax: 1/temperature)
+    margin: float = 0.3  # m: radians for arcface (typical 0.2-0.5), cosine units for cosface (0.1-0.4)
+    subcenters: int = 3  # subcenter_arcface: k sub-centres per class
+    # per-class margins from the class size n (margin heads): none | power (m = a n^-lambda + b) |
+    # minmax (n^-1/4 min-max scaled to [margin_min, margin_max], GLR 2020 1st place)
+    dynamic_margin: str = "none"
+    margin_a: float = 0.5
+    margin_lambda: float = 0.25
+    margin_b: float = 0.05
+    margin_min: float = 0.05
+    margin_max: float = 0.5
+    margin_warmup_epochs: float = 0.0  # ramp the margin linearly from 0 over this many epochs
+    class_weights: str = "none"  # none | inv_log (weight 1/log(1+n), normalised to mean 1)
+    loss: str = "ce"  # margin heads: ce | focal
+    focal_gamma: float = 2.0
+    # pair/proxy losses: extra keyword arguments of the pytorch-metric-learning loss, e.g. {margin: 0.1}
+    params: dict[str, Any] = field(default_factory=dict)
+    miner: str = "none"  # none | triplet_margin | multi_similarity | batch_hard | pair_margin
+    miner_params: dict[str, Any] = field(default_factory=dict)
+    direction_gamma: float = 0.0  # direction regulariser weight (Mohan et al. 2020); triplet, proxy_nca, multi_similarity
+
+
+@dataclass
+class SamplerConfig:
+    """How training batches are drawn."""
+
+    m_per_class: int = 0  # >0: every batch holds batch_size/m classes with m images each; 0: plain shuffle
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3  # backbone, pooling and neck
-    head_lr: float | None = None  # margin head; null: 10 x lr (the class centres start random)
+    head_lr: float | None = None  # head/loss parameters (class centres, proxies, W); null: 10 x lr
     weight_decay: float = 1e-4  # not applied to biases and norm layers
     momentum: float = 0.9  # sgd only
 
@@ -147,6 +180,7 @@ class ExperimentConfig:
     folds: FoldsConfig = field(default_factory=FoldsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -176,6 +210,9 @@ _CHOICES = {
     "data.check_images": ("decode", "exists", "none"),
     "optim.name": ("adamw", "adam", "sgd"),
     "scheduler.name": ("cosine", "constant"),
+    "head.dynamic_margin": ("none", "power", "minmax"),
+    "head.class_weights": ("none", "inv_log"),
+    "head.loss": ("ce", "focal"),
     "train.amp": ("auto", "fp16", "bf16", "off"),
 }
 
@@ -282,6 +319,10 @@ def validate_config(cfg: ExperimentConfig) -> None:
         problems.append(f"optim.head_lr must be positive (got {cfg.optim.head_lr})")
     for key, value in {
         "head.margin": cfg.head.margin,
+        "head.margin_warmup_epochs": cfg.head.margin_warmup_epochs,
+        "head.focal_gamma": cfg.head.focal_gamma,
+        "head.direction_gamma": cfg.head.direction_gamma,
+        "sampler.m_per_class": cfg.sampler.m_per_class,
         "optim.weight_decay": cfg.optim.weight_decay,
         "train.grad_clip": cfg.train.grad_clip,
         "train.limit_train_batches": cfg.train.limit_train_batches,
@@ -294,6 +335,14 @@ def validate_config(cfg: ExperimentConfig) -> None:
             problems.append(f"{key} must not be negative (got {value})")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         problems.append(f"data.hflip is a probability in [0, 1] (got {cfg.data.hflip})")
+    if cfg.head.subcenters < 1:
+        problems.append(f"head.subcenters must be at least 1 (got {cfg.head.subcenters})")
+    m = cfg.sampler.m_per_class
+    if m > 0 and (cfg.train.batch_size % m or cfg.train.batch_size // m < 2):
+        problems.append(
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of sampler.m_per_class={m} "
+            "holding at least 2 classes"
+        )
     if cfg.head.margin >= 3.1416:
         problems.append(f"head.margin is in radians and must be < pi (got {cfg.head.margin}); 0.5 rad = 28.6 degrees")
     if problems:
