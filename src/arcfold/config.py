@@ -86,9 +86,9 @@ class ModelConfig:
     pool: str = "gem"  # avg | gem
     gem_p: float = 3.0
     gem_trainable: bool = True
-    neck: str = "linear_bn_prelu"  # linear_bn | linear_bn_prelu
+    neck: str = "linear_bn_prelu"  # gp | gp_bn | dp_gp | bn_gp | bn_dp_gp_bn | linear_bn | linear_bn_prelu
     embedding_size: int = 512
-    drop_rate: float = 0.0  # dropout before the neck
+    drop_rate: float = 0.0  # dropout: before the linear layer (linear necks) or where the neck names it (dp)
 
 
 @dataclass
@@ -122,7 +122,7 @@ class HeadConfig:
     params: dict[str, Any] = field(default_factory=dict)
     miner: str = "none"  # none | triplet_margin | multi_similarity | batch_hard | pair_margin
     miner_params: dict[str, Any] = field(default_factory=dict)
-    direction_gamma: float = 0.0  # direction regulariser weight (Mohan et al. 2020); triplet, proxy_nca, multi_similarity
+    direction_gamma: float = 0.0  # direction regulariser weight (Mohan et al. 2020): triplet, proxy_nca, MS
 
 
 @dataclass

@@ -62,3 +62,58 @@ def test_pretrained_path_errors(tmp_path):
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(RuntimeError, match="does not fit backbone 'resnet10t'"):
         build_model(_cfg(f"model.pretrained_path={tmp_path / 'resnet18.pth'}").model)
+
+
+@pytest.mark.parametrize(
+    "neck, n_params, n_buffers",
+    [
+        ("gp", 0, 0),
+        ("gp_bn", 2, 3),
+        ("dp_gp", 0, 0),
+        ("bn_gp", 2, 3),
+        ("bn_dp_gp_bn", 4, 6),
+        ("linear_bn", 3, 3),
+        ("linear_bn_prelu", 4, 3),
+    ],
+)
+def test_every_neck_builds_the_layers_its_name_lists(neck, n_params, n_buffers):
+    # resnet10t has 512 channels: the pool-only necks keep them
+    cfg = _cfg(f"model.neck={neck}", "model.embedding_size=512", "model.drop_rate=0.5", "model.pool=avg")
+    model = build_model(cfg.model)
+    neck_modules = [model.pre_pool, model.neck]
+    assert sum(len(list(m.parameters())) for m in neck_modules) == n_params
+    assert sum(len(list(m.buffers())) for m in neck_modules) == n_buffers
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert model(x).shape == (4, 512)
+    # eval mode is deterministic (dropout off); train mode with dropout is not
+    torch.testing.assert_close(model(x), model(x))
+    if "dp" in neck:
+        model.train()
+        assert not torch.allclose(model(x), model(x))
+
+
+def test_pool_only_neck_equals_the_pooled_features():
+    model = build_model(_cfg("model.neck=gp", "model.embedding_size=512", "model.pool=avg").model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), model.forward_features(x).mean(dim=(2, 3)))
+
+
+def test_bn_before_pool_normalises_the_feature_map():
+    model = build_model(_cfg("model.neck=bn_gp", "model.embedding_size=512", "model.pool=avg").model).eval()
+    bn = model.pre_pool[0]
+    with torch.no_grad():
+        bn.running_mean.fill_(1.0)
+        bn.running_var.fill_(4.0)
+    x = torch.randn(2, 3, 32, 32)
+    expected = (model.forward_features(x).mean(dim=(2, 3)) - 1.0) / (4.0 + bn.eps) ** 0.5
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_neck_errors_name_the_fix():
+    with pytest.raises(ValueError, match="model.embedding_size=512"):
+        build_model(_cfg("model.neck=gp_bn", "model.embedding_size=128").model)
+    with pytest.raises(ValueError, match="model.drop_rate > 0"):
+        build_model(_cfg("model.neck=dp_gp", "model.embedding_size=512").model)
+    with pytest.raises(ValueError, match="unknown"):
+        build_model(_cfg("model.neck=option_d").model)

@@ -1,4 +1,4 @@
-"""The embedding model: timm backbone -> pooling -> neck, ``(B, 3, H, W) -> (B, D)``.
+"""The embedding model: timm backbone -> (neck's pre-pool layers) -> pooling -> neck, ``(B, 3, H, W) -> (B, D)``.
 
 The backbone is created with ``num_classes=0, global_pool=''`` so it returns its last feature map;
 pooling and neck are ours (see :mod:`arcfold.models.pooling`, :mod:`arcfold.models.necks`).
@@ -58,16 +58,20 @@ class EmbeddingModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone if backbone is not None else create_backbone(cfg)
+        parts = build_neck(cfg.neck, self.backbone.num_features, cfg.embedding_size, cfg.drop_rate)
+        self.pre_pool = parts.pre_pool  # on the feature map (e.g. BatchNorm2d); Identity for most necks
         self.pool = build_pool(cfg.pool, cfg.gem_p, cfg.gem_trainable)
-        self.dropout = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
-        self.neck = build_neck(cfg.neck, self.backbone.num_features, cfg.embedding_size)
-        self.embedding_size = cfg.embedding_size
+        # linear necks: model.drop_rate is a dropout on the pooled vector (dp necks place their own)
+        linear = cfg.neck.startswith("linear")
+        self.dropout = nn.Dropout(cfg.drop_rate) if linear and cfg.drop_rate > 0 else nn.Identity()
+        self.neck = parts.post_pool
+        self.embedding_size = parts.embedding_size
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)  # (B, C, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.pool(self.forward_features(x))  # (B, C)
+        pooled = self.pool(self.pre_pool(self.forward_features(x)))  # (B, C)
         return self.neck(self.dropout(pooled))  # (B, D)
 
     @torch.no_grad()
