@@ -1,4 +1,4 @@
-"""``python -m arcfold <stage> ...``: prepare, folds, train, score."""
+"""``python -m arcfold <stage> ...``: prepare, folds, train, score, leaderboard, blend, tune, plots."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ STAGES = {
     "folds": "arcfold.folds",
     "train": "arcfold.train",
     "score": "arcfold.score",
+    "leaderboard": "arcfold.leaderboard",
+    "blend": "arcfold.blend",
+    "tune": "arcfold.tune",
+    "plots": "arcfold.plots",
 }
 
 
