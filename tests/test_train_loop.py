@@ -99,3 +99,32 @@ def test_non_finite_losses_are_skipped_then_stop_the_run():
     assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers(), *head.parameters()])
     with pytest.raises(FloatingPointError, match="10 non-finite losses in a row"):
         _epoch(cfg, model, _FlakyHead(head, range(12)), optimizer, scheduler, batches)
+
+
+def test_margin_warmup_ramps_the_margin_within_the_epoch():
+    cfg, model, head, optimizer, scheduler, batches = _setup("head.margin_warmup_epochs=2", n_batches=4)
+    seen = []
+    forward = head.forward
+
+    def recording_forward(embeddings, labels):
+        seen.append(head.margin_factor)
+        return forward(embeddings, labels)
+
+    head.forward = recording_forward
+    _epoch(cfg, model, head, optimizer, scheduler, batches)
+    # batch i of epoch 0 is at progress i/4 epochs, half-way through a 2-epoch warm-up at most
+    assert seen == pytest.approx([0.0, 0.125, 0.25, 0.375])
+
+
+def test_pair_loss_parameters_train_at_the_head_learning_rate():
+    cfg, model, head, optimizer, scheduler, batches = _setup(
+        "head.name=proxy_anchor", "optim.lr=0.001", "optim.head_lr=0.05", n_batches=3
+    )
+    proxies = [p for p in head.parameters() if p.requires_grad]
+    assert proxies, "ProxyAnchor's proxies must be parameters of the head module"
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert all(group_of[id(p)]["lr"] == 0.05 for p in proxies)
+    before = [p.detach().clone() for p in proxies]
+    stats = _epoch(cfg, model, head, optimizer, scheduler, batches)
+    assert math.isfinite(stats["train_loss"])
+    assert all(not torch.equal(p, b) for p, b in zip(proxies, before, strict=True))

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from arcfold.config import ExperimentConfig, config_to_dict, config_to_yaml
 from arcfold.data.dataset import ImageDataset
+from arcfold.data.samplers import build_sampler
 from arcfold.data.table import FOLD, GROUP, ID, IMAGE, LABEL, check_image_files, image_root, resolve_image_paths
 from arcfold.data.transforms import build_eval_transform, build_train_transform
 from arcfold.embed import extract_embeddings
@@ -47,7 +48,8 @@ from arcfold.folds import ensure_folds, file_sha256, load_folds
 from arcfold.io import ArtifactExistsError, atomic_path, load_npz, save_json, save_npz, save_text, save_torch
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 from arcfold.models.embedding import build_model, embedding_checkpoint
-from arcfold.models.heads import build_head
+from arcfold.models.heads import build_head, margin_warmup_factor
+from arcfold.models.losses import LOSSES
 from arcfold.prepare import ensure_dataset
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,23 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module, head: nn.Module) ->
     # foreach: one multi-tensor kernel per update instead of a Python loop over ~100 tensors. PyTorch
     # only defaults to it on CUDA; on CPU it made a resnet18 step at 64 px ~4% faster (benchmarks/).
     return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, foreach=True, **kwargs)
+
+
+def git_commit() -> str:
+    """The code's commit (``git describe --always --dirty``), or "-" outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "-"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "-"
 
 
 def save_history(path: Path, history: list[dict]) -> None:
@@ -247,12 +266,22 @@ def _train_fold(cfg: ExperimentConfig, fold: int, paths: FoldPaths, resume: bool
         raise ValueError(f"fold {fold}: {len(train_ds)} training images, fewer than train.batch_size")
 
     model = build_model(cfg.model).to(device)
-    head = build_head(cfg.head, cfg.model.embedding_size, len(classes)).to(device)
+    class_counts = np.bincount(train_labels, minlength=len(classes))  # dynamic margins, class weights
+    head = build_head(cfg.head, cfg.model.embedding_size, len(classes), class_counts=class_counts).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model, head)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
+    # m-per-class batches (pair/proxy losses need positives in every batch); reseeded per epoch below
+    m = cfg.sampler.m_per_class
+    sampler = build_sampler(train_labels, m, cfg.train.batch_size, seed=base_seed) if m else None
+    if sampler is None and cfg.head.name in LOSSES:
+        log.warning(
+            "head.name=%s compares images within a batch, but batches are plain shuffles with few positive "
+            "pairs: set sampler.m_per_class (e.g. 4)",
+            cfg.head.name,
+        )
     n_batches = len(train_ds) // cfg.train.batch_size  # drop_last: batch norm needs full batches
     if cfg.train.limit_train_batches:
         n_batches = min(n_batches, cfg.train.limit_train_batches)
@@ -283,10 +312,13 @@ def _train_fold(cfg: ExperimentConfig, fold: int, paths: FoldPaths, resume: bool
         epoch_seed = base_seed * 1000 + epoch  # each epoch reproducible on its own, so resume replays it exactly
         seed_everything(epoch_seed)
         train_tf.set_random_seed(epoch_seed)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         loader = DataLoader(
             train_ds,
             batch_size=cfg.train.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=True,
             num_workers=cfg.data.num_workers,
             pin_memory=device.type == "cuda",
@@ -368,9 +400,12 @@ def _train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not cfg.train.progress, leave=False)
     t0 = time.time()
+    warmup_epochs = cfg.head.margin_warmup_epochs if hasattr(head, "margin_factor") else 0.0
     for i, (images, labels) in enumerate(loader):
         if i >= n_batches:
             break
+        if warmup_epochs > 0:  # ramp the margin from 0 (hard margins can stall the first epochs)
+            head.margin_factor = margin_warmup_factor(epoch + i / n_batches, warmup_epochs)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if cfg.train.channels_last:
@@ -430,6 +465,7 @@ def _finalize(cfg, fold, paths: FoldPaths, val_df, best, history, folds_path, se
         "seconds": round(seconds, 1),
         "folds_path": str(folds_path),
         "folds_sha256": file_sha256(folds_path),
+        "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     # weights first, OOF last: the OOF file is what marks the fold finished
