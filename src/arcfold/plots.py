@@ -7,8 +7,8 @@
 2. ``fold<K>_retrieval_random.png`` and ``fold<K>_retrieval_worst.png``: query images (blue border)
    followed by their top-k neighbours, best first, with a green border when the neighbour has the
    query's label and red when not; random queries, and the queries with the lowest AP@R (ties: the
-   one whose first correct neighbour comes later, then row order). Neighbours are leave-one-out in the held-out fold, as in
-   the metrics. Images are read from the data folder of the experiment's config
+   one whose first correct neighbour comes later, then row order). Neighbours are leave-one-out in
+   the held-out fold, as in the metrics. Images are read from the data folder of the experiment's config
    (``arcfold.data.table.image_root``); ``--input-dir`` points elsewhere.
 3. ``training_curves.png``: training loss, learning rate and validation Recall@1 / MAP@R per epoch
    from ``models/<exp>/fold<K>/history.csv``, one colour per fold, best epoch starred.
