@@ -108,14 +108,14 @@ def test_real_study_resumes_and_writes_the_best_config(tmp_path, glyphs_input):
 
 
 class FakeTraining:
-    """Replaces ``train_fold``: 'trains' ``train.epochs`` epochs whose Recall@1 is the margin, reporting each
-    through ``arcfold.train.save_history`` as the real loop does."""
+    """Replaces ``train_fold``: 'trains' ``train.epochs`` epochs whose Recall@1 is the margin, passing each
+    epoch's row to ``on_epoch_end`` as the real loop does."""
 
     def __init__(self, interrupt_on_call: int | None = None) -> None:
         self.calls: list[tuple[str, float, bool]] = []
         self.interrupt_on_call = interrupt_on_call
 
-    def __call__(self, cfg, fold):
+    def __call__(self, cfg, fold, on_epoch_end=None):
         self.calls.append((cfg.name, cfg.head.margin, cfg.train.resume))
         if self.interrupt_on_call == len(self.calls):
             raise KeyboardInterrupt
@@ -126,6 +126,8 @@ class FakeTraining:
             paths.last.write_bytes(b"checkpoint")
             history.append({"epoch": epoch, "recall@1": cfg.head.margin, "map@r": cfg.head.margin / 2})
             arcfold.train.save_history(paths.history, history)
+            if on_epoch_end is not None:
+                on_epoch_end(history[-1])
         return {"recall@1": cfg.head.margin, "map@r": cfg.head.margin / 2}
 
 

@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -193,8 +194,15 @@ def check_fold_state(paths: FoldPaths, resume: bool, force: bool) -> str:
     return "fresh"
 
 
-def train_fold(cfg: ExperimentConfig, fold: int) -> dict[str, Any]:
-    """Train, validate and save one fold; return its scores (the content of ``fold<K>.json``)."""
+def train_fold(
+    cfg: ExperimentConfig, fold: int, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Train, validate and save one fold; return its scores (the content of ``fold<K>.json``).
+
+    ``on_epoch_end(row)`` is called after each validated epoch with its ``history.csv`` row (epoch,
+    losses, Recall@K, MAP@R), once the epoch's files are written and before its resume point is: an
+    exception there (e.g. optuna's ``TrialPruned``) stops the fold and a resume replays that epoch.
+    """
     paths = FoldPaths(cfg, fold)
     state = check_fold_state(paths, cfg.train.resume, cfg.train.force)
     if state == "done":
@@ -204,13 +212,19 @@ def train_fold(cfg: ExperimentConfig, fold: int) -> dict[str, Any]:
         shutil.rmtree(paths.work)
     handler = _attach_file_log(paths.log_file)
     try:
-        return _train_fold(cfg, fold, paths, resume=state == "resume")
+        return _train_fold(cfg, fold, paths, resume=state == "resume", on_epoch_end=on_epoch_end)
     finally:
         logging.getLogger("arcfold").removeHandler(handler)
         handler.close()
 
 
-def _train_fold(cfg: ExperimentConfig, fold: int, paths: FoldPaths, resume: bool) -> dict[str, Any]:
+def _train_fold(
+    cfg: ExperimentConfig,
+    fold: int,
+    paths: FoldPaths,
+    resume: bool,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     started = time.time()
     ensure_dataset(cfg)
     folds_path = ensure_folds(cfg)
@@ -370,6 +384,8 @@ def _train_fold(cfg: ExperimentConfig, fold: int, paths: FoldPaths, resume: bool
             save_npz(paths.best_oof, embeddings=embeddings)
             save_torch(paths.best, embedding_checkpoint(model, cfg, fold=fold, epoch=epoch, metrics=metrics))
         save_history(paths.history, history)
+        if on_epoch_end is not None:
+            on_epoch_end(row)
         # the resume point, written last: an epoch counts as done only once everything above is on disk
         save_torch(
             paths.last,

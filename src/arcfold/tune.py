@@ -20,7 +20,7 @@ maximised with optuna's TPE sampler.
 Pruning: after every validated epoch the trial reports that epoch's ``--metric`` (step = epoch
 index, counted on across the trial's folds) and optuna's MedianPruner stops trials that are below
 the median of earlier trials at the same step (after 3 finished trials and 1 epoch). The per-epoch
-report hooks :func:`arcfold.train.save_history`, which the train loop calls once per epoch;
+report is ``train_fold``'s ``on_epoch_end`` callback;
 ``--no-prune`` turns it off. A pruned trial's checkpoints are deleted; its history stays.
 
 Persistence: the study lives in ``<paths.oof_dir>/tune/<study>.db`` (SQLite). Running the same
@@ -44,13 +44,12 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,22 +153,11 @@ def _sample_point(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # the objective
 
 
-@contextlib.contextmanager
-def _epoch_reports(trial, metric: str, step_offset: int, prune: bool) -> Iterator[None]:
-    """Report every validated epoch's ``metric`` to optuna and prune there, by wrapping ``train.save_history``.
-
-    The train loop calls ``save_history(path, history)`` once per epoch, after validation and before
-    saving the resume point; raising ``TrialPruned`` there stops the fold.
-    """
+def _epoch_reporter(trial, metric: str, step_offset: int, prune: bool) -> Callable[[dict[str, Any]], None]:
+    """``train_fold``'s ``on_epoch_end``: report each validated epoch's ``metric`` to optuna and prune there."""
     import optuna
 
-    import arcfold.train as train_module
-
-    original = train_module.save_history
-
-    def save_history_and_report(path, history):
-        original(path, history)
-        row = history[-1]
+    def report(row: dict[str, Any]) -> None:
         value = float(row[metric])
         trial.report(value, step=step_offset + int(row["epoch"]))
         if prune and trial.should_prune():
@@ -177,11 +165,7 @@ def _epoch_reports(trial, metric: str, step_offset: int, prune: bool) -> Iterato
                 f"epoch {row['epoch']}: {metric} {value:.4f} is below the median of earlier trials"
             )
 
-    train_module.save_history = save_history_and_report
-    try:
-        yield
-    finally:
-        train_module.save_history = original
+    return report
 
 
 def _make_objective(
@@ -207,8 +191,8 @@ def _make_objective(
         try:
             for i, fold in enumerate(folds):
                 try:
-                    with _epoch_reports(trial, metric, i * cfg.train.epochs, prune):
-                        result = train_fold(cfg, fold)
+                    reporter = _epoch_reporter(trial, metric, i * cfg.train.epochs, prune)
+                    result = train_fold(cfg, fold, on_epoch_end=reporter)
                 except optuna.TrialPruned:
                     work = FoldPaths(cfg, fold).work
                     for p in [*work.glob("*.pt"), *work.glob("*.npz")]:  # keep history.csv and train.log
