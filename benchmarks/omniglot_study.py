@@ -146,7 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     if "necks" in results:
         md += ["", "## Necks (ArcFace head, 512-d)", "", table(results["necks"], ["recall@5", "recall@1", "map@r"])]
     best = {study: max(rows, key=lambda r: r["metrics"]["recall@1"])["variant"] for study, rows in results.items()}
-    md += ["", "Best by Recall@1: " + ", ".join(f"{s}: {v}" for s, v in best.items()), ""]
+    md += ["", "Best by Recall@1: " + ", ".join(f"{s}: {v}" for s, v in best.items())]
+    md += [
+        "",
+        "One fold and one seed per variant: differences below ~0.02 Recall@1 are within run-to-run noise. "
+        "`train min` is each run's wall time as recorded in its fold JSON (runs may have shared the machine "
+        "with other jobs, and a resumed run counts only its last process): not a speed comparison.",
+        "",
+    ]
     save_text(RESULTS / "omniglot_study.md", "\n".join(md))
     print("\n".join(md))
 
