@@ -71,6 +71,7 @@ import yaml
 
 from arcfold.io import ArtifactExistsError, load_npz, save_json
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
+from arcfold.score import finished_folds
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +154,6 @@ def blend_embeddings(members: Sequence[np.ndarray], weights: Sequence[float]) ->
 # loading and checking the members' OOF
 
 
-def _finished_folds(exp_dir: Path) -> list[int]:
-    return sorted(
-        int(p.stem[4:]) for p in exp_dir.glob("fold*.npz") if p.stem[4:].isdigit() and p.with_suffix(".json").is_file()
-    )
-
-
 def _examples(values) -> str:
     values = list(values)
     shown = ", ".join(repr(str(v)) for v in values[:_MAX_EXAMPLES])
@@ -178,7 +173,7 @@ def load_blend_folds(
     finished: dict[str, list[int]] = {}
     for exp in experiments:
         exp_dir = oof_dir / exp
-        finished[exp] = _finished_folds(exp_dir) if exp_dir.is_dir() else []
+        finished[exp] = finished_folds(exp_dir) if exp_dir.is_dir() else []
         if not finished[exp]:
             raise BlendError(f"experiment '{exp}' has no finished fold in {exp_dir} (expected fold<K>.npz + .json)")
     if folds is None:

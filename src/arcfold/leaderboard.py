@@ -48,6 +48,7 @@ import pandas as pd
 import yaml
 
 from arcfold.io import save_text
+from arcfold.score import finished_folds
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +65,6 @@ SHOWN_METRICS = ("recall@1", "recall@5", "recall@10", "map@r")
 MIXED = "mixed"  # section of experiments whose folds were made from different fold files
 UNKNOWN = "unknown"  # fold JSONs without a folds_sha256
 _LABELS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "map@r": "MAP@R"}
-
-
-def _finished_folds(exp_dir: Path) -> list[int]:
-    folds = []
-    for npz in exp_dir.glob("fold*.npz"):
-        suffix = npz.stem[4:]
-        if suffix.isdigit() and npz.with_suffix(".json").is_file():
-            folds.append(int(suffix))
-    return sorted(folds)
 
 
 def _get(mapping: dict | None, dotted: str, default: Any = None) -> Any:
@@ -129,7 +121,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def read_experiment(exp_dir: str | Path) -> dict[str, Any] | None:
     """One leaderboard row for ``oof/<exp>/``, or None when it has no finished fold."""
     exp_dir = Path(exp_dir)
-    folds = _finished_folds(exp_dir)
+    folds = finished_folds(exp_dir)
     if not folds:
         return None
     scores = {k: json.loads((exp_dir / f"fold{k}.json").read_text(encoding="utf-8")) for k in folds}

@@ -48,6 +48,7 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from arcfold.io import atomic_path, load_npz, save_json  # noqa: E402
+from arcfold.score import finished_folds  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ def make_plots(
     from arcfold.data.table import image_root
 
     exp_dir = Path(oof_dir) / experiment
-    finished = sorted(int(p.stem[4:]) for p in exp_dir.glob("fold*.npz") if p.stem[4:].isdigit())
+    finished = finished_folds(exp_dir)
     if not finished:
         raise FileNotFoundError(f"no finished fold in {exp_dir} (expected fold<K>.npz)")
     fold = finished[0] if fold is None else fold

@@ -25,20 +25,31 @@ from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["score_experiment"]
+__all__ = ["finished_folds", "score_experiment"]
 
 METRIC_COLUMNS = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
+
+
+def finished_folds(exp_dir: str | Path) -> list[int]:
+    """Sorted indices K of the finished folds in ``oof/<exp>/``: those with ``fold<K>.npz`` and ``fold<K>.json``.
+
+    The train stage writes the OOF ``.npz`` last, so its presence marks a fold finished.
+    """
+    exp_dir = Path(exp_dir)
+    return sorted(
+        int(p.stem[4:]) for p in exp_dir.glob("fold*.npz") if p.stem[4:].isdigit() and p.with_suffix(".json").is_file()
+    )
 
 
 def score_experiment(oof_dir: str | Path, recompute: bool = False) -> pd.DataFrame:
     """Table of per-fold scores with ``mean`` and ``std`` rows; written beside the OOF files."""
     oof_dir = Path(oof_dir)
-    files = sorted(oof_dir.glob("fold*.npz"), key=lambda p: int(p.stem[4:]))
-    if not files:
+    folds = finished_folds(oof_dir)
+    if not folds:
         raise FileNotFoundError(f"no finished folds in {oof_dir} (expected fold<K>.npz)")
     rows = []
-    for npz in files:
-        fold = int(npz.stem[4:])
+    for fold in folds:
+        npz = oof_dir / f"fold{fold}.npz"
         if recompute:
             arrays = load_npz(npz)
             metrics = retrieval_metrics(arrays["embeddings"], arrays["labels"], ks=DEFAULT_KS)
