@@ -48,6 +48,7 @@ import pandas as pd
 import yaml
 
 from arcfold.io import save_text
+from arcfold.models.heads import HEADS_WITH_MARGIN
 from arcfold.score import finished_folds
 
 log = logging.getLogger(__name__)
@@ -76,22 +77,14 @@ def _get(mapping: dict | None, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def _margin_heads() -> set[str]:
-    try:
-        from arcfold.models.heads import HEADS_WITH_MARGIN
-    except ImportError:
-        return {"arcface", "cosface", "subcenter_arcface"}
-    return set(HEADS_WITH_MARGIN)
-
-
 def _head_label(config: dict) -> str:
     """``arcface (s=30, m=0.3)``; the focal loss and a miner when used; scale and margin only for margin heads."""
     name = str(_get(config, "head.name", "?"))
     details = []
     scale, margin = _get(config, "head.scale"), _get(config, "head.margin")
-    if name in _margin_heads() or name == "norm_softmax":
+    if name in HEADS_WITH_MARGIN or name == "norm_softmax":
         details.append(f"s={scale:g}" if isinstance(scale, (int, float)) else "")
-    if name in _margin_heads():
+    if name in HEADS_WITH_MARGIN:
         details.append(f"m={margin:g}" if isinstance(margin, (int, float)) else "")
     if _get(config, "head.loss", "ce") not in ("ce", None):
         details.append(str(_get(config, "head.loss")))

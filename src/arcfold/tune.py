@@ -212,26 +212,6 @@ def _make_objective(
 # best config
 
 
-def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def _deep_update(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def write_best_config(study, config: str, overrides: Sequence[str], out_path: str | os.PathLike) -> Path | None:
     """Write the best finished trial as a config extending ``config``; None while no trial has finished."""
     import optuna
@@ -242,10 +222,10 @@ def write_best_config(study, config: str, overrides: Sequence[str], out_path: st
     best = study.best_trial
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    mapping: dict[str, Any] = {"base": os.path.relpath(Path(config).resolve(), out_path.parent.resolve())}
-    fixed = OmegaConf.to_container(OmegaConf.from_dotlist([o for o in overrides if not o.startswith("name=")]))
-    _deep_update(mapping, fixed)  # type: ignore[arg-type]
-    _deep_update(mapping, _nested({k: _clean(v) for k, v in best.params.items()}))
+    mapping = OmegaConf.create({"base": os.path.relpath(Path(config).resolve(), out_path.parent.resolve())})
+    mapping = OmegaConf.merge(mapping, OmegaConf.from_dotlist([o for o in overrides if not o.startswith("name=")]))
+    for key, value in best.params.items():  # dotted keys, typed values
+        OmegaConf.update(mapping, key, _clean(value))
     mapping["name"] = out_path.stem
     attrs = study.user_attrs
     header = (
@@ -254,7 +234,7 @@ def write_best_config(study, config: str, overrides: Sequence[str], out_path: st
         f"on fold(s) {' '.join(map(str, attrs.get('folds', [])))}; {len(done)} complete trials.\n"
         "# Written by `python -m arcfold tune`; rerun the study to update it.\n"
     )
-    text = header + yaml.safe_dump(mapping, sort_keys=False)
+    text = header + yaml.safe_dump(OmegaConf.to_container(mapping), sort_keys=False)
     save_text(out_path, text)
     load_config(out_path)  # the file must load, with the same checks as any config
     return out_path
