@@ -416,7 +416,7 @@ def _train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not cfg.train.progress, leave=False)
     t0 = time.time()
-    warmup_epochs = cfg.head.margin_warmup_epochs if hasattr(head, "margin_factor") else 0.0
+    warmup_epochs = cfg.head.margin_warmup_epochs  # every head has margin_factor (pair losses ignore it)
     for i, (images, labels) in enumerate(loader):
         if i >= n_batches:
             break
