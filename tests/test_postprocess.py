@@ -364,8 +364,10 @@ def test_pipeline_dba_qe_improves_recall_at_1() -> None:
     _, augmented = rerank_pipeline(queries, gallery, steps, 10)
     recall_plain = (gallery_labels[plain[:, 0]] == query_labels).mean()
     recall_augmented = (gallery_labels[augmented[:, 0]] == query_labels).mean()
-    assert recall_plain == pytest.approx(0.825)  # 200 queries
-    assert recall_augmented == pytest.approx(0.89)
+    # 200 queries: 0.825 -> 0.89 here; the tolerance allows two queries to flip on another BLAS.
+    assert recall_plain == pytest.approx(0.825, abs=0.011)
+    assert recall_augmented == pytest.approx(0.89, abs=0.011)
+    assert recall_augmented >= recall_plain + 0.04
     # Leave-one-out on all 1000 items (exclude_self): DBA also augments the queries, since they are the gallery.
     x = np.concatenate([queries, gallery])
     labels = np.concatenate([query_labels, gallery_labels])

@@ -29,8 +29,9 @@ k-reciprocal re-ranking (Zhong, Zheng, Cao & Li, CVPR 2017)
        distance to any item of ``U``, ``2 - 2 min_j s(i, j)``, found with one extra search of the negated vectors
        (``k = 1``), so distances lie in [0, 1]; a float ``c`` divides every row by ``c`` instead (e.g. ``4.0``,
        the largest possible distance between unit vectors) and skips that search.
-    2. ``N(i, k)``: the k nearest items of ``i`` in ``U``, itself included (rank 0), from ``search(U, U, k1 + 1)``.
-       ``R(i, k) = {j in N(i, k) : i in N(j, k)}`` (k-reciprocal neighbours).
+    2. ``N(i, k)``: the ``k + 1`` nearest items of ``i`` in ``U`` (``i`` itself, normally at rank 0, and its k
+       nearest others), read off one ``search(U, U, k1 + 1)``. ``R(i, k) = {j in N(i, k) : i in N(j, k)}`` (the
+       k-reciprocal neighbours).
     3. Expansion: ``R*(i) = R(i, k1)`` united with ``R(c, h)`` of every ``c in R(i, k1)`` for which
        ``|R(c, h) ∩ R(i, k1)| > 2/3 |R(c, h)|``, where ``h = round(k1 / 2)`` (numpy rounding, half to even).
     4. ``V[i, j] = exp(-d(i, j)) / sum_{j' in R*(i)} exp(-d(i, j'))`` for ``j in R*(i)``, else 0: a sparse
@@ -43,11 +44,12 @@ k-reciprocal re-ranking (Zhong, Zheng, Cao & Li, CVPR 2017)
     7. ``final(p, g) = (1 - λ) J(p, g) + λ d(p, g)``, where ``d(p, g) = (2 - 2 s) / scale_p`` uses the first-stage
        similarity ``s`` passed in ``sims``.
 
-    The returned score is ``1 - final`` (higher is better; in [-1, 1], 1 for a perfect match) and each row's
-    candidates are re-sorted by it, ties kept in their first-stage order. Memory is linear in |U| * k1^2 (the
-    k-NN table and V; V after local QE has at most ~k2 times more non-zeros per row), never a dense |U|^2 matrix.
-    Hand-written (with scipy.sparse) because no maintained library offers a sparse version; the tests check it
-    against a dense implementation of the paper's algorithm.
+    The returned score is ``1 - final`` (higher is better; in [0, 1] with ``"row_max"``, 1 for a duplicate of the
+    query) and each row's candidates are re-sorted by it; equal computed scores keep their first-stage order. V is
+    stored in float32 (scores agree with a float64 computation to ~1e-6). Memory is linear in |U|: the (|U|, k1+1)
+    k-NN table and V, whose rows hold at most (k1 + 1)(h + 2) entries before local QE (typically a few tens) and
+    at most k2 times that after, never a dense |U|^2 matrix. Hand-written (on scipy.sparse) because no maintained
+    library offers a sparse version; the tests check it against a dense implementation of the paper's algorithm.
 
 Label voting (:func:`vote_labels`)
     Over each query's first ``k`` neighbours, a label's score is the largest (``mode="max"``) or the summed

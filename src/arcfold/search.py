@@ -198,7 +198,7 @@ def default_nlist(n_gallery: int) -> int:
 
 
 def build_index(
-    gallery: Any,
+    gallery: np.ndarray | torch.Tensor,
     *,
     index: str = "exact",
     gpu: bool = False,
@@ -295,8 +295,8 @@ def _drop_self(sims: np.ndarray, idx: np.ndarray, self_index: np.ndarray) -> tup
 
 
 def search(
-    queries: Any,
-    gallery: Any,
+    queries: np.ndarray | torch.Tensor,
+    gallery: np.ndarray | torch.Tensor,
     k: int,
     *,
     index: str = "exact",
