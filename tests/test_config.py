@@ -58,11 +58,20 @@ def test_wrong_type_is_an_error():
         ("train.batch_size=1", "train.batch_size"),
         ("folds.n_splits=1", "folds.n_splits"),
         ("data.hflip=2", "data.hflip"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps"),
+        ("sampler.m_per_class=3", r"train.batch_size=64 must be a multiple of sampler.m_per_class=3"),
+        ("data.skip_bad_images=sometimes", "invalid value for 'data.skip_bad_images'"),
     ],
 )
 def test_impossible_values_are_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_amp_off_is_not_read_as_a_boolean(tmp_path):
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"  # YAML would make it False, then "False"
+    (tmp_path / "c.yaml").write_text("train:\n  amp: off\n")
+    assert load_config(tmp_path / "c.yaml").train.amp == "off"
 
 
 def test_malformed_override_and_missing_file(tmp_path):

@@ -93,11 +93,13 @@ class _FlakyHead(torch.nn.Module):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run():
-    cfg, model, head, optimizer, scheduler, batches = _setup(n_batches=12)
+    cfg, model, head, optimizer, scheduler, batches = _setup("train.max_nonfinite_steps=10", n_batches=12)
     stats = _epoch(cfg, model, _FlakyHead(head, {1, 2}), optimizer, scheduler, batches)
     assert stats["skipped_batches"] == 2 and scheduler.last_epoch == 10 and math.isfinite(stats["train_loss"])
     assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers(), *head.parameters()])
-    with pytest.raises(FloatingPointError, match="10 non-finite losses in a row"):
+    with pytest.raises(
+        FloatingPointError, match=r"10 training steps in a row skipped \(train.max_nonfinite_steps=10\)"
+    ):
         _epoch(cfg, model, _FlakyHead(head, range(12)), optimizer, scheduler, batches)
 
 

@@ -62,6 +62,9 @@ class DataConfig:
     cache_images: bool = True  # decode + resize every image once into RAM (fits for small/medium data sets)
     num_workers: int = 0  # DataLoader workers; 0 = in-process (best on 2-core machines with the cache)
     check_images: str = "decode"  # before training: "decode" every image, only check it "exists", or "none"
+    # true: images that cannot be decoded are left out of training and validation, and counted (fold JSON,
+    # log); false (default): any such image is an error naming its row. Missing files are always an error.
+    skip_bad_images: bool = False
 
 
 @dataclass
@@ -157,6 +160,9 @@ class TrainConfig:
     accum_steps: int = 1  # gradient accumulation: an optimizer step every accum_steps batches
     amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | fp16 | bf16 | off
     grad_clip: float = 5.0  # max gradient norm; 0 disables
+    # steps skipped in a row (non-finite loss, or GradScaler's inf/NaN gradients under fp16) before the run
+    # stops; the last finished epoch's checkpoint is kept
+    max_nonfinite_steps: int = 20
     seed: int = 42  # the fold index is added, so folds differ but each is reproducible
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = False
@@ -288,6 +294,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     obj: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     if not obj.name:
         obj.name = Path(path).stem if path is not None else "default"
+    # YAML reads a bare `off` as the boolean false, which the str field then holds as "False"
+    if obj.train.amp in ("False", "false"):
+        obj.train.amp = "off"
     validate_config(obj)
     return obj
 
@@ -311,6 +320,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         "train.batch_size": cfg.train.batch_size - 1,  # batch norm needs 2+ samples
         "train.eval_batch_size": cfg.train.eval_batch_size,
         "train.accum_steps": cfg.train.accum_steps,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
     }
     for key, value in positive.items():
         if value <= 0:

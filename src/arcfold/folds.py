@@ -16,6 +16,12 @@ a handful of distinct super-classes the assignment is mostly fixed by the balanc
 A JSON sidecar (``folds/<dataset>.json``) records the parameters, per-fold counts and a hash of the
 CSV; experiments store that hash, so OOF scores made on different folds are never compared.
 
+Checks: every fold must hold at least one query (a class with two images in it), else validation
+could not score it; a reused fold file must match the data it claims to split (same ids with the same
+image, label and group, and every kept row of ``train.csv`` present), else the error lists the rows
+that differ. The fold file is written once under a lock (``folds/.<dataset>.csv.lock``), so several
+``train_fold.sh`` started together make it once and all use that one.
+
 CLI::
 
     python -m arcfold folds --config configs/glyphs_arcface.yaml [key=value ...] [--force]
@@ -25,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -35,12 +40,12 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from arcfold.config import ExperimentConfig, FoldsConfig
-from arcfold.data.table import FOLD, GROUP, LABEL, DataValidationError, load_train_table, read_csv
-from arcfold.io import atomic_path, save_json
+from arcfold.data.table import FOLD, GROUP, ID, IMAGE, LABEL, DataValidationError, load_train_table, read_csv
+from arcfold.io import atomic_path, file_lock, load_json, save_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_folds", "file_sha256", "load_folds", "make_folds", "write_folds"]
+__all__ = ["check_folds_match_data", "ensure_folds", "file_sha256", "load_folds", "make_folds", "write_folds"]
 
 SIZE_STRATA = "class_size_bin"
 
@@ -122,7 +127,23 @@ def make_folds(
     assert (fold >= 0).all()
     out = df.copy()
     out.insert(4, FOLD, fold)
+    check_every_fold_has_queries(out)
     return out
+
+
+def check_every_fold_has_queries(folds_df: pd.DataFrame, source: str | Path = "folds") -> None:
+    """Every fold needs a class with 2+ images in it: singletons are never queries (nothing to retrieve)."""
+    class_size = folds_df.groupby([FOLD, LABEL])[LABEL].transform("size")
+    queries = (class_size >= 2).groupby(folds_df[FOLD]).sum()
+    empty = [int(k) for k, n in queries.items() if n == 0]
+    if empty:
+        detail = ", ".join(
+            f"fold {k} ({int((folds_df[FOLD] == k).sum())} images, all in one-image classes)" for k in empty
+        )
+        raise DataValidationError(
+            f"{source}: {detail}: no query to validate on. Raise folds.min_class_size to 2 or more, "
+            "or give those classes more images"
+        )
 
 
 def fold_summary(folds_df: pd.DataFrame) -> list[dict]:
@@ -170,13 +191,21 @@ def build_folds(cfg: ExperimentConfig) -> pd.DataFrame:
 
 
 def ensure_folds(cfg: ExperimentConfig, force: bool = False) -> Path:
-    """Write the fold CSV if absent (or ``force``); reuse it if made with the same parameters."""
+    """Write the fold CSV if absent (or ``force``); reuse it if made with the same parameters and the same data.
+
+    Runs under a lock, so processes started together write the file once and then all reuse it.
+    """
     path = cfg.folds_path
+    with file_lock(path.parent / f".{path.name}.lock", what=f"fold file {path}"):
+        return _ensure_folds(cfg, path, force)
+
+
+def _ensure_folds(cfg: ExperimentConfig, path: Path, force: bool) -> Path:
     params = _params(cfg)
     meta_path = path.with_suffix(".json")
     if path.exists() and not force:
         if meta_path.exists():
-            stored = json.loads(meta_path.read_text())["params"]
+            stored = load_json(meta_path, hint="Remake the folds with --force.")["params"]
             if stored != params:
                 diff = {k: (stored.get(k), v) for k, v in params.items() if stored.get(k) != v}
                 raise DataValidationError(
@@ -184,6 +213,8 @@ def ensure_folds(cfg: ExperimentConfig, force: bool = False) -> Path:
                     "Use another folds.path for these folds, or --force to remake them "
                     "(experiments trained on the old folds can then no longer be compared)."
                 )
+        data_df = load_train_table(cfg.data, check_images="none")
+        check_folds_match_data(load_folds(path), data_df, cfg.folds.min_class_size, path, cfg.data_dir / cfg.data.csv)
         log.info("folds: reusing %s", path)
         return path
     folds_df = build_folds(cfg)
@@ -194,12 +225,66 @@ def ensure_folds(cfg: ExperimentConfig, force: bool = False) -> Path:
     return path
 
 
+def check_folds_match_data(
+    folds_df: pd.DataFrame,
+    data_df: pd.DataFrame,
+    min_class_size: int,
+    folds_path: str | Path,
+    data_path: str | Path,
+) -> None:
+    """Refuse a fold file made from other data: each of its rows must be a row of the data (same id, image,
+    label, group), and every data row of a class with ``min_class_size`` images must be in it.
+
+    ``folds_df`` as :func:`load_folds` returns it, ``data_df`` the standard frame of ``load_train_table``.
+    """
+    problems = []
+    data = data_df.set_index(ID)[[IMAGE, LABEL, GROUP]]
+    known = folds_df[ID].isin(data.index).to_numpy()
+    for i in np.flatnonzero(~known):
+        problems.append(f"row {i} (line {i + 2}): id {folds_df[ID].iat[i]!r} is not in {data_path}")
+    ours = folds_df.loc[known]
+    theirs = data.loc[ours[ID]]
+    for column in (IMAGE, LABEL, GROUP):
+        differ = np.flatnonzero(ours[column].to_numpy() != theirs[column].to_numpy())
+        for j in differ:
+            i = int(np.flatnonzero(known)[j])
+            problems.append(
+                f"row {i} (line {i + 2}), column '{column}': {ours[column].iat[j]!r} here, "
+                f"{theirs[column].iat[j]!r} in {data_path} (id {ours[ID].iat[j]!r})"
+            )
+    sizes = data_df[LABEL].map(data_df[LABEL].value_counts())
+    absent = data_df.loc[(sizes >= min_class_size) & ~data_df[ID].isin(folds_df[ID]), ID]
+    if len(absent):
+        examples = ", ".join(map(repr, absent.iloc[:3].tolist()))
+        problems.append(f"{len(absent)} row(s) of {data_path} are missing from it (ids {examples}...)")
+    if problems:
+        listed = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise DataValidationError(
+            f"{folds_path} does not match the data it splits ({data_path}): {len(problems)} difference(s):\n  "
+            + "\n  ".join(listed)
+            + "\nThe fold file was made from other data. Remake it with `python -m arcfold folds -c CONFIG --force` "
+            "(experiments trained on the old folds can then no longer be compared), or set folds.path to the "
+            "fold file of this data."
+        )
+
+
 def load_folds(path: str | Path) -> pd.DataFrame:
+    """Read a fold file; missing columns and fold values that are not integers are errors naming the row."""
     df = read_csv(Path(path))
-    missing = [c for c in ("id", "image", LABEL, GROUP, FOLD) if c not in df]
+    missing = [c for c in (ID, IMAGE, LABEL, GROUP, FOLD) if c not in df]
     if missing:
         raise DataValidationError(f"{path}: not a fold file, missing columns {missing}; remake it with the folds stage")
-    df[FOLD] = df[FOLD].astype(int)
+    if df.empty:
+        raise DataValidationError(f"{path}: no data rows; remake it with the folds stage")
+    fold = pd.to_numeric(df[FOLD].str.strip(), errors="coerce")
+    bad = np.flatnonzero((fold.isna() | (fold < 0) | (fold != fold.round())).to_numpy())
+    if len(bad):
+        shown = "; ".join(f"row {i} (line {i + 2}): {df[FOLD].iat[i]!r}" for i in bad[:5])
+        raise DataValidationError(
+            f"{path}: column '{FOLD}' must hold fold numbers 0, 1, ...; {len(bad)} row(s) do not: {shown}. "
+            "Remake the file with the folds stage (--force)."
+        )
+    df[FOLD] = fold.astype(int)
     return df
 
 

@@ -1,17 +1,35 @@
-"""Atomic file writes and guarded overwrites.
+"""Atomic file writes, guarded overwrites, safe loaders and file locks.
 
-Every artifact arcfold writes (fold CSVs, checkpoints, OOF embeddings, scores) goes through
-:func:`atomic_path`: the data is written to a temporary file in the *same* directory and then
-``os.replace``-d over the target, so a crash or a kill leaves either the old file or the new one,
-never a half-written file that a later stage would read as complete.
+Every artifact arcfold writes (fold CSVs, checkpoints, OOF embeddings, scores, leaderboard, plots)
+goes through :func:`atomic_path`: the data is written to a temporary file in the *same* directory and
+then ``os.replace``-d over the target, so a crash or a kill leaves either the old file or the new one,
+never a half-written file that a later stage would read as complete. A kill can leave the temporary
+file behind (``.<name>.<random>.<suffix>.tmp``); nothing ever reads those, and the train stage removes
+its own when it starts again.
+
+The loaders (:func:`load_npz`, :func:`load_json`, :func:`load_torch`) turn a truncated or corrupt file
+into a :class:`CorruptFileError` that names the file and says how to remake it; :func:`load_torch`
+never runs code from the file (``torch.load(weights_only=True)``).
+
+:func:`file_lock` serialises processes that share files (two ``train_fold.sh`` on different folds
+at once): ``fcntl.flock`` on a lock file, released by the kernel when its process dies, even by
+SIGKILL, so a crashed run never leaves a stale lock.
+
+:func:`fault_point` is a test hook: the environment variable ``ARCFOLD_KILL_AT=<point>[#n]`` makes
+the process SIGKILL itself the n-th time (default first) it reaches that named point, so tests can
+kill a run at an exact place (mid-epoch, during validation, while writing a file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import signal
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,19 +37,63 @@ from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ArtifactExistsError",
+    "CorruptFileError",
+    "LockedError",
     "atomic_path",
+    "fault_point",
+    "file_lock",
+    "load_json",
     "load_npz",
+    "load_torch",
+    "remove_stale_temp_files",
     "save_json",
     "save_npz",
     "save_text",
     "save_torch",
 ]
 
+KILL_AT_ENV = "ARCFOLD_KILL_AT"
+
 
 class ArtifactExistsError(FileExistsError):
     """A finished artifact would be overwritten and the user did not ask for it (``force``)."""
+
+
+class CorruptFileError(ValueError):
+    """A file exists but cannot be read as what it should be: truncated, corrupt, or of another kind."""
+
+
+class LockedError(ArtifactExistsError):
+    """Another process holds the lock of a job that must not run twice (the same fold, say)."""
+
+
+# --------------------------------------------------------------------------------------------
+# test hook: die at a named point
+
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when ``ARCFOLD_KILL_AT`` is ``name`` or ``name#n`` (n-th visit, 1-based).
+
+    A no-op (one dictionary lookup) unless the variable names this point. Points: ``train_batch``
+    (before each training batch), ``validation`` (embeddings computed, nothing written yet),
+    ``write:<file name>`` (the temporary file is complete, the rename has not happened).
+    """
+    target = os.environ.get(KILL_AT_ENV)
+    if not target:
+        return
+    point, _, nth = target.partition("#")
+    if point != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(nth or 1):
+        logging.shutdown()  # flush the log files, as a real crash would not; the kill itself is real
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -53,6 +115,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         # flush the file's data to disk before the rename makes it visible
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        fault_point(f"write:{target.name}")
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -84,13 +147,48 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
         np.savez(f, **arrays)
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` eagerly; a truncated or corrupt file raises a clear error."""
+def remove_stale_temp_files(folder: str | os.PathLike, prefix: str = "") -> int:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` when killed (names ``.<prefix>*.tmp``).
+
+    Call it only while no other process can be writing those files (under the job's lock).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.glob(f".{prefix}*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s", len(stale), folder)
+    return len(stale)
+
+
+def _corrupt(path: str | os.PathLike, kind: str, error: BaseException, hint: str) -> CorruptFileError:
+    return CorruptFileError(
+        f"cannot read {path}: truncated, corrupt or not {kind} ({type(error).__name__}: {error}). {hint}".rstrip()
+    )
+
+
+def load_npz(path: str | os.PathLike, hint: str = "") -> dict[str, np.ndarray]:
+    """Load every array of an ``.npz`` eagerly; a truncated or corrupt file raises :class:`CorruptFileError`.
+
+    ``hint`` is appended to the message: how to remake the file.
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read {path}: truncated or not an .npz file ({e})") from e
+        raise _corrupt(path, "an .npz file", e, hint) from e
+
+
+def load_json(path: str | os.PathLike, hint: str = "") -> Any:
+    """``json.load`` that names the file when it is truncated or not JSON (:class:`CorruptFileError`)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _corrupt(path, "a JSON file", e, hint) from e
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
@@ -98,3 +196,67 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def load_torch(path: str | os.PathLike, hint: str = "") -> Any:
+    """``torch.load(weights_only=True)`` on CPU: tensors and plain data only, no code from the file runs.
+
+    A pickle that would build any other object (a ``__reduce__`` payload calling ``os.system``, say)
+    is refused before it runs, like a truncated or corrupt file, with :class:`CorruptFileError`.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip archive), EOFError, ...
+        raise _corrupt(path, "a PyTorch file of tensors and plain data", e, hint) from e
+
+
+# --------------------------------------------------------------------------------------------
+# file locks
+
+
+def _lock_holder(handle) -> str:
+    handle.seek(0)
+    holder = handle.read().strip()
+    return f" (held by {holder})" if holder else ""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True, what: str = "") -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
+
+    ``blocking=True`` waits for the holder (logging once that it waits); ``blocking=False`` raises
+    :class:`LockedError` naming ``what`` and the holder. The lock file stays (it is tiny and reused);
+    the lock itself dies with the process that holds it. POSIX only (``fcntl``), like Kaggle and Colab.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = _lock_holder(handle)
+            if not blocking:
+                raise LockedError(f"{what or path} is in use by another process{holder}; lock file {path}") from None
+            log.info("waiting for %s%s (lock %s)", what or path, holder, path)
+            t0 = time.time()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            log.info("got %s after %.1f s", what or path, time.time() - t0)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -25,7 +25,9 @@ Rules
 * The standard deviation is over folds (``ddof=0``, as the score stage); with one fold it is empty.
 
 Writes ``oof/leaderboard.csv`` (one row per experiment, numbers in separate mean and std columns)
-and ``oof/leaderboard.md`` (one markdown table per section), atomically, and prints the table.
+and ``oof/leaderboard.md`` (one markdown table per section), atomically, and prints the table. The
+command reads and writes under a lock (``oof/.leaderboard.lock``), so two runs at once never leave
+a CSV and a markdown file of different moments, nor an older table over a newer one.
 
 CLI::
 
@@ -47,7 +49,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from arcfold.io import save_text
+from arcfold.io import file_lock, load_json, save_text
 from arcfold.models.heads import HEADS_WITH_MARGIN
 from arcfold.score import finished_folds
 
@@ -117,7 +119,8 @@ def read_experiment(exp_dir: str | Path) -> dict[str, Any] | None:
     folds = finished_folds(exp_dir)
     if not folds:
         return None
-    scores = {k: json.loads((exp_dir / f"fold{k}.json").read_text(encoding="utf-8")) for k in folds}
+    hint = "Retrain that fold with train.force=true, or hide the experiment with --exclude."
+    scores = {k: load_json(exp_dir / f"fold{k}.json", hint=hint) for k in folds}
     configs = {}
     for k in folds:
         path = exp_dir / f"fold{k}.config.yaml"
@@ -401,13 +404,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-blends", action="store_true", help="leave out oof/blends/*.json")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        table = build_leaderboard(args.oof_dir, args.sort, exclude=args.exclude, include_blends=not args.no_blends)
-    except ValueError as e:  # an unknown --sort metric
-        parser.error(str(e))
+    if not Path(args.oof_dir).is_dir():
+        raise FileNotFoundError(f"no OOF folder {args.oof_dir}")
+    with file_lock(Path(args.oof_dir) / ".leaderboard.lock", what="the leaderboard"):
+        try:
+            table = build_leaderboard(args.oof_dir, args.sort, exclude=args.exclude, include_blends=not args.no_blends)
+        except ValueError as e:  # an unknown --sort metric
+            parser.error(str(e))
+        csv_path, md_path = write_leaderboard(table, args.oof_dir, args.sort)
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_colwidth", 60):
         print(render_text(table, args.sort))
-    csv_path, md_path = write_leaderboard(table, args.oof_dir, args.sort)
     log.info("wrote %s and %s", csv_path, md_path)
 
 

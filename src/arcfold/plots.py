@@ -330,6 +330,11 @@ def make_plots(
     if input_dir is not None:
         cfg.data.input_dir = str(input_dir)
     oof = load_npz(exp_dir / f"fold{fold}.npz")
+    if not 1 <= k <= len(oof["labels"]) - 1:
+        raise ValueError(
+            f"--top-k={k}: fold {fold} of '{experiment}' has {len(oof['labels'])} images, so each query has "
+            f"{len(oof['labels']) - 1} neighbours at most; use 1 <= k <= {len(oof['labels']) - 1}"
+        )
     plots_dir = exp_dir / "plots"
     written: dict[str, str] = {}
 
@@ -407,16 +412,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-points", type=int, default=3000, help="t-SNE subsample")
     args = parser.parse_args(argv)
     setup_logging()
-    listing = make_plots(
-        args.experiment,
-        args.oof_dir,
-        args.fold,
-        input_dir=args.input_dir,
-        models_dir=args.models_dir,
-        k=args.top_k,
-        n_queries=args.queries,
-        max_points=args.max_points,
-    )
+    try:
+        listing = make_plots(
+            args.experiment,
+            args.oof_dir,
+            args.fold,
+            input_dir=args.input_dir,
+            models_dir=args.models_dir,
+            k=args.top_k,
+            n_queries=args.queries,
+            max_points=args.max_points,
+        )
+    except ValueError as e:  # --top-k too large, a corrupt OOF file: one line, not a traceback
+        parser.error(str(e))
     exp_dir = Path(args.oof_dir) / args.experiment
     print("\n".join(str(exp_dir / p) for p in listing["plots"].values()))
 

@@ -1,7 +1,9 @@
 """Score stage: per-fold and mean Recall@K / MAP@R of an experiment, from its ``oof/<exp>/fold<K>.json``.
 
 Writes ``oof/<exp>/scores.csv`` (one row per fold plus ``mean`` and ``std`` rows) and
-``oof/<exp>/scores.json``, and prints the table.
+``oof/<exp>/scores.json``, and prints the table. Listing the finished folds and writing both files
+happen under a lock (``oof/<exp>/.scores.lock``): when two ``train_fold.sh`` on different folds score
+at once, the one that writes last has seen every fold the other saw.
 
 With ``--recompute`` the scores are recomputed from the OOF embeddings (``fold<K>.npz``) instead of
 read from the JSON written at training time, e.g. after changing the metric code.
@@ -14,13 +16,12 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import pandas as pd
 
-from arcfold.io import load_npz, save_json, save_text
+from arcfold.io import file_lock, load_json, load_npz, save_json, save_text
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,13 @@ def finished_folds(exp_dir: str | Path) -> list[int]:
 def score_experiment(oof_dir: str | Path, recompute: bool = False) -> pd.DataFrame:
     """Table of per-fold scores with ``mean`` and ``std`` rows; written beside the OOF files."""
     oof_dir = Path(oof_dir)
+    if not oof_dir.is_dir():
+        raise FileNotFoundError(f"no finished folds in {oof_dir} (the folder does not exist)")
+    with file_lock(oof_dir / ".scores.lock", what=f"scores of {oof_dir}"):
+        return _score_experiment(oof_dir, recompute)
+
+
+def _score_experiment(oof_dir: Path, recompute: bool) -> pd.DataFrame:
     folds = finished_folds(oof_dir)
     if not folds:
         raise FileNotFoundError(f"no finished folds in {oof_dir} (expected fold<K>.npz)")
@@ -51,11 +59,14 @@ def score_experiment(oof_dir: str | Path, recompute: bool = False) -> pd.DataFra
     for fold in folds:
         npz = oof_dir / f"fold{fold}.npz"
         if recompute:
-            arrays = load_npz(npz)
+            arrays = load_npz(npz, hint=f"Retrain fold {fold} with train.force=true.")
             metrics = retrieval_metrics(arrays["embeddings"], arrays["labels"], ks=DEFAULT_KS)
             row = {"fold": fold, **metrics}
         else:
-            stored = json.loads(npz.with_suffix(".json").read_text())
+            stored = load_json(
+                npz.with_suffix(".json"),
+                hint="Score with --recompute (from the OOF embeddings), or retrain the fold with train.force=true.",
+            )
             row = {"fold": fold, **{k: stored[k] for k in (*METRIC_COLUMNS, "n_queries", "best_epoch")}}
         rows.append(row)
     table = pd.DataFrame(rows).set_index("fold")

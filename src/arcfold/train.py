@@ -3,8 +3,8 @@
 Files (``<exp>`` = ``cfg.name``, ``K`` = fold):
 
 * ``models/<exp>/fold<K>/``: work folder while training — ``last.pt`` (full training state, written
-  every epoch: resume point), ``best.pt`` / ``best_oof.npz`` (best epoch so far), ``history.csv``
-  (one row per epoch), ``train.log``.
+  every epoch: resume point), ``best_e<E>.pt`` / ``best_oof_e<E>.npz`` (best epoch E so far),
+  ``history.csv`` (one row per epoch), ``train.log``.
 * When the fold finishes: ``models/<exp>/fold<K>.pt`` (best embedding weights + config),
   ``oof/<exp>/fold<K>.npz`` (ids, images, labels, groups, L2-normalised embeddings of the held-out
   fold at the best epoch), ``oof/<exp>/fold<K>.json`` (scores), ``oof/<exp>/fold<K>.config.yaml``.
@@ -14,6 +14,21 @@ Files (``<exp>`` = ``cfg.name``, ``K`` = fold):
 Validation is leave-one-out retrieval inside the held-out fold (whose classes were never trained
 on): Recall@1/2/4/5/8/10 and MAP@R; the best epoch is the one with the highest Recall@1.
 
+Crashes and resume
+------------------
+An epoch counts as done once its ``last.pt`` is written, after its best files and ``history.csv``.
+A run killed at any point (SIGKILL, power loss) resumes with ``train.resume=true`` from the last
+*finished* epoch: a kill mid-epoch or during validation loses that epoch's progress, which is then
+trained again. Every epoch reseeds Python, NumPy, torch, the augmentations and the sampler from
+``(seed, fold, epoch)``, and ``last.pt`` holds model, head, optimizer, scheduler, GradScaler, best
+epoch and history, so on a deterministic device a resumed run ends bit-identical to one never
+interrupted (tests/test_reliability_resume.py). Resuming with another config is refused (the keys that
+differ are listed), except for keys that do not change the result (``train.progress``, paths, ...).
+
+Safety: one process per fold (``models/<exp>/.fold<K>.lock``; a second one is refused at once);
+non-finite losses, and steps GradScaler skips for inf/NaN gradients, are skipped and counted, and
+``train.max_nonfinite_steps`` of them in a row stop the run with the last good checkpoint kept.
+
 CLI::
 
     python -m arcfold train --config configs/glyphs_arcface.yaml --fold 0 [key=value ...]
@@ -22,7 +37,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import shutil
@@ -42,11 +56,35 @@ from tqdm.auto import tqdm
 from arcfold.config import ExperimentConfig, config_to_dict, config_to_yaml
 from arcfold.data.dataset import ImageDataset
 from arcfold.data.samplers import build_sampler
-from arcfold.data.table import FOLD, GROUP, ID, IMAGE, LABEL, check_image_files, image_root, resolve_image_paths
+from arcfold.data.table import (
+    FOLD,
+    GROUP,
+    ID,
+    IMAGE,
+    LABEL,
+    DataValidationError,
+    check_image_files,
+    image_root,
+    resolve_image_paths,
+)
 from arcfold.data.transforms import build_eval_transform, build_train_transform
 from arcfold.embed import extract_embeddings
 from arcfold.folds import ensure_folds, file_sha256, load_folds
-from arcfold.io import ArtifactExistsError, atomic_path, load_npz, save_json, save_npz, save_text, save_torch
+from arcfold.io import (
+    ArtifactExistsError,
+    CorruptFileError,
+    atomic_path,
+    fault_point,
+    file_lock,
+    load_json,
+    load_npz,
+    load_torch,
+    remove_stale_temp_files,
+    save_json,
+    save_npz,
+    save_text,
+    save_torch,
+)
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 from arcfold.models.embedding import build_model, embedding_checkpoint
 from arcfold.models.heads import build_head, margin_warmup_factor
@@ -55,10 +93,52 @@ from arcfold.prepare import ensure_dataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FoldPaths", "train_fold"]
+__all__ = ["FoldPaths", "NonFiniteGuard", "NonFiniteLossError", "train_fold"]
 
 TRAIN_STATE_FORMAT = "arcfold.train_state/1"
-MAX_NONFINITE_IN_A_ROW = 10
+# config keys that may differ between a run and its resumption: they do not change what is computed
+RESUME_MAY_DIFFER = (
+    "train.resume",
+    "train.force",
+    "train.progress",
+    "train.device",
+    "train.max_nonfinite_steps",
+    "data.input_dir",
+    "data.num_workers",
+    "data.check_images",
+    "data.cache_images",
+    "paths.folds_dir",
+    "paths.oof_dir",
+    "paths.models_dir",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many training steps in a row were skipped for a non-finite loss or non-finite gradients."""
+
+
+class NonFiniteGuard:
+    """Counts skipped steps: non-finite losses, and optimizer steps skipped for inf/NaN gradients (by GradScaler
+    under fp16, by a check of the gradient norm otherwise).
+
+    ``in_a_row`` carries over epoch boundaries (it is part of the resume state); ``limit`` in a row raise
+    :class:`NonFiniteLossError`.
+    """
+
+    def __init__(self, limit: int, in_a_row: int = 0) -> None:
+        self.limit, self.in_a_row = limit, in_a_row
+
+    def skipped(self, where: str, what: str) -> None:
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} training steps in a row skipped (train.max_nonfinite_steps={self.limit}), "
+                f"the last at {where}: {what}. Lower optim.lr, check head.scale/head.margin and the data, "
+                "or use train.amp=bf16/off"
+            )
+
+    def ok(self) -> None:
+        self.in_a_row = 0
 
 
 class FoldPaths:
@@ -72,10 +152,23 @@ class FoldPaths:
         self.scores = cfg.oof_dir / f"fold{fold}.json"
         self.config = cfg.oof_dir / f"fold{fold}.config.yaml"
         self.last = self.work / "last.pt"
-        self.best = self.work / "best.pt"
-        self.best_oof = self.work / "best_oof.npz"
         self.history = self.work / "history.csv"
         self.log_file = self.work / "train.log"
+        self.lock = cfg.models_dir / f".fold{fold}.lock"
+
+    # The best epoch's files carry its number: a run killed after writing them but before its resume
+    # point (last.pt) leaves files that last.pt does not name, and they are never mistaken for the best.
+    def best(self, epoch: int) -> Path:
+        return self.work / f"best_e{epoch}.pt"
+
+    def best_oof(self, epoch: int) -> Path:
+        return self.work / f"best_oof_e{epoch}.npz"
+
+    def remove_best_except(self, epoch: int) -> None:
+        keep = {self.best(epoch).name, self.best_oof(epoch).name}
+        for p in [*self.work.glob("best_e*.pt"), *self.work.glob("best_oof_e*.npz")]:
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,11 +254,28 @@ def save_history(path: Path, history: list[dict]) -> None:
 
 
 def _attach_file_log(path: Path) -> logging.Handler:
+    """Send arcfold's log records to ``path`` (appended: a resumed run continues the log of the killed one).
+
+    The file gets INFO records even when nobody configured logging (``train_fold`` called from a notebook):
+    the ``arcfold`` logger is lowered to INFO while the handler is attached, and restored by
+    :func:`_detach_file_log`; with no other handler configured, the console still shows warnings only.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("arcfold").addHandler(handler)
+    logger = logging.getLogger("arcfold")
+    handler.previous_level = logger.level  # type: ignore[attr-defined]
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
     return handler
+
+
+def _detach_file_log(handler: logging.Handler) -> None:
+    logger = logging.getLogger("arcfold")
+    logger.removeHandler(handler)
+    logger.setLevel(handler.previous_level)  # type: ignore[attr-defined]
+    handler.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,18 +314,33 @@ def train_fold(
     exception there (e.g. optuna's ``TrialPruned``) stops the fold and a resume replays that epoch.
     """
     paths = FoldPaths(cfg, fold)
-    state = check_fold_state(paths, cfg.train.resume, cfg.train.force)
-    if state == "done":
-        log.info("fold %d of '%s' is already finished: %s (train.force=true retrains it)", fold, cfg.name, paths.oof)
-        return json.loads(paths.scores.read_text())
-    if state == "fresh" and paths.work.exists():
-        shutil.rmtree(paths.work)
-    handler = _attach_file_log(paths.log_file)
-    try:
-        return _train_fold(cfg, fold, paths, resume=state == "resume", on_epoch_end=on_epoch_end)
-    finally:
-        logging.getLogger("arcfold").removeHandler(handler)
-        handler.close()
+    # one process per fold: a second train of the same fold (two terminals, a re-queued job) is refused
+    with file_lock(paths.lock, blocking=False, what=f"fold {fold} of experiment '{cfg.name}'"):
+        state = check_fold_state(paths, cfg.train.resume, cfg.train.force)
+        if state == "done":
+            log.info(
+                "fold %d of '%s' is already finished: %s (train.force=true retrains it)", fold, cfg.name, paths.oof
+            )
+            _remove_work_files(paths)  # left by a kill between writing the OOF file and cleaning up
+            return load_json(paths.scores, hint="Retrain the fold with train.force=true.")
+        if state == "fresh" and paths.work.exists():
+            shutil.rmtree(paths.work)
+        # temporary files of writes a kill interrupted (nothing else writes this fold's files: we hold its lock)
+        for folder, prefix in ((paths.work, ""), (cfg.oof_dir, f"fold{fold}."), (cfg.models_dir, f"fold{fold}.")):
+            remove_stale_temp_files(folder, prefix)
+        handler = _attach_file_log(paths.log_file)
+        try:
+            return _train_fold(cfg, fold, paths, resume=state == "resume", on_epoch_end=on_epoch_end)
+        except NonFiniteLossError as e:
+            kept = (
+                f"the last good checkpoint is kept: {paths.last} (resume with train.resume=true)"
+                if paths.last.exists()
+                else "no epoch had finished, so there is no checkpoint to keep"
+            )
+            log.error("fold %d stopped: %s; %s", fold, e, kept)
+            raise NonFiniteLossError(f"{e}; {kept}") from None
+        finally:
+            _detach_file_log(handler)
 
 
 def _train_fold(
@@ -226,6 +351,14 @@ def _train_fold(
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
     started = time.time()
+    ckpt = None
+    if resume:  # read (and check) the resume point first: a refusal should not wait for the data
+        ckpt = load_torch(paths.last, hint="Start the fold over with train.force=true.")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != TRAIN_STATE_FORMAT:
+            raise CorruptFileError(
+                f"{paths.last} is not an arcfold training state; start the fold over with train.force=true"
+            )
+        check_resume_config(ckpt["config"], cfg, paths.last)
     ensure_dataset(cfg)
     folds_path = ensure_folds(cfg)
     folds_df = load_folds(folds_path)
@@ -235,11 +368,29 @@ def _train_fold(
     root = image_root(cfg.data)
     # The folds stage decoded every image already (data.check_images); here, per fold, only check the
     # files are still there: decoding 1.6M landmark images again for every fold would cost minutes.
-    check = "exists" if cfg.data.check_images == "decode" else cfg.data.check_images
-    check_image_files(folds_df, root, mode=check, source=folds_path, progress=cfg.train.progress)
-
-    train_df = folds_df[folds_df[FOLD] != fold].reset_index(drop=True)
-    val_df = folds_df[folds_df[FOLD] == fold].reset_index(drop=True)
+    # With data.skip_bad_images the decode is needed to know which images to leave out.
+    check = "exists" if cfg.data.check_images == "decode" and not cfg.data.skip_bad_images else cfg.data.check_images
+    bad = check_image_files(
+        folds_df, root, mode=check, source=folds_path, progress=cfg.train.progress, skip_bad=cfg.data.skip_bad_images
+    )
+    is_bad = np.zeros(len(folds_df), dtype=bool)
+    is_bad[bad] = True
+    in_val = (folds_df[FOLD] == fold).to_numpy()
+    skipped_images = {"train": int((is_bad & ~in_val).sum()), "validation": int((is_bad & in_val).sum())}
+    if is_bad.any():
+        log.warning(
+            "fold %d: leaving out %d training and %d validation images that cannot be decoded (data.skip_bad_images)",
+            fold,
+            skipped_images["train"],
+            skipped_images["validation"],
+        )
+    train_df = folds_df[~in_val & ~is_bad].reset_index(drop=True)
+    val_df = folds_df[in_val & ~is_bad].reset_index(drop=True)
+    if not (val_df[LABEL].map(val_df[LABEL].value_counts()) >= 2).any():
+        raise DataValidationError(
+            f"{folds_path}: fold {fold} has no query: its {len(val_df)} images are all in one-image classes, so "
+            "validation has nothing to retrieve. Remake the folds with folds.min_class_size >= 2 (--force)"
+        )
     classes = np.sort(train_df[LABEL].unique())
     train_labels = np.searchsorted(classes, train_df[LABEL].to_numpy())  # contiguous ids 0..C-1
     log.info(
@@ -309,16 +460,17 @@ def _train_fold(
     )
 
     start_epoch, best, history = 0, {"epoch": -1, "metrics": {"recall@1": -1.0}}, []
-    if resume:
-        ckpt = torch.load(paths.last, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != TRAIN_STATE_FORMAT:
-            raise ValueError(f"{paths.last} is not an arcfold training state")
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+        guard.in_a_row = int(ckpt.get("nonfinite_in_a_row", 0))
+        if best["epoch"] >= 0:
+            paths.remove_best_except(best["epoch"])  # an improved epoch the kill cut short (it is retrained)
         log.info("resuming fold %d from epoch %d (best so far: epoch %d)", fold, start_epoch, best["epoch"])
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -341,7 +493,7 @@ def _train_fold(
             persistent_workers=False,
         )
         train_stats = _train_one_epoch(
-            cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch
+            cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch, guard
         )
 
         t0 = time.time()
@@ -356,6 +508,7 @@ def _train_fold(
             progress=cfg.train.progress,
             desc=f"fold {fold} epoch {epoch} validation",
         )
+        fault_point("validation")
         metrics = retrieval_metrics(embeddings, val_df[LABEL].to_numpy(), ks=DEFAULT_KS, device=device)
         val_seconds = time.time() - t0
         improved = metrics["recall@1"] > best["metrics"]["recall@1"]
@@ -381,8 +534,8 @@ def _train_fold(
         )
         if improved:
             best = {"epoch": epoch, "metrics": metrics}
-            save_npz(paths.best_oof, embeddings=embeddings)
-            save_torch(paths.best, embedding_checkpoint(model, cfg, fold=fold, epoch=epoch, metrics=metrics))
+            save_npz(paths.best_oof(epoch), embeddings=embeddings)
+            save_torch(paths.best(epoch), embedding_checkpoint(model, cfg, fold=fold, epoch=epoch, metrics=metrics))
         save_history(paths.history, history)
         if on_epoch_end is not None:
             on_epoch_end(row)
@@ -400,19 +553,24 @@ def _train_fold(
                 "scaler": scaler.state_dict(),
                 "best": best,
                 "history": history,
+                "nonfinite_in_a_row": guard.in_a_row,
             },
         )
+        paths.remove_best_except(best["epoch"])  # the previous best, now superseded
 
-    return _finalize(cfg, fold, paths, val_df, best, history, folds_path, time.time() - started)
+    extra = {"skipped_images": skipped_images} if cfg.data.skip_bad_images else {}
+    return _finalize(cfg, fold, paths, val_df, best, history, folds_path, time.time() - started, extra)
 
 
 def _train_one_epoch(
-    cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch
+    cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch, guard=None
 ) -> dict[str, float]:
+    """One pass over ``loader``; skips (and counts) non-finite steps, stops after ``guard.limit`` in a row."""
     model.train()
     head.train()
+    guard = guard if guard is not None else NonFiniteGuard(cfg.train.max_nonfinite_steps)
     accum, clip = cfg.train.accum_steps, cfg.train.grad_clip
-    loss_sum, n_seen, nonfinite_in_a_row, n_skipped = 0.0, 0, 0, 0
+    loss_sum, n_seen, n_skipped, n_steps_skipped = 0.0, 0, 0, 0
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not cfg.train.progress, leave=False)
     t0 = time.time()
@@ -420,6 +578,7 @@ def _train_one_epoch(
     for i, (images, labels) in enumerate(loader):
         if i >= n_batches:
             break
+        fault_point("train_batch")
         if warmup_epochs > 0:  # ramp the margin from 0 (hard margins can stall the first epochs)
             head.margin_factor = margin_warmup_factor(epoch + i / n_batches, warmup_epochs)
         images = images.to(device, non_blocking=True)
@@ -429,48 +588,101 @@ def _train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = head(model(images), labels)
         if not torch.isfinite(loss):
-            # an fp16 overflow or a diverging run: skip this batch rather than poison the weights
+            # an fp16 overflow or a diverging run: skip this batch rather than poison the weights (the
+            # gradients accumulated so far in this window are dropped with it)
             n_skipped += 1
-            nonfinite_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
-            if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise FloatingPointError(
-                    f"{nonfinite_in_a_row} non-finite losses in a row at epoch {epoch}, batch {i}: "
-                    "lower optim.lr, check the data, or use train.amp=bf16/off; the last checkpoint is kept"
-                )
+            guard.skipped(f"epoch {epoch}, batch {i}", f"loss is {loss.item()}")
             continue
-        nonfinite_in_a_row = 0
         scaler.scale(loss / accum).backward()
         need_update = (i + 1) == n_batches or (i + 1) % accum == 0
         if need_update:
-            if clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            scaler.step(optimizer)
-            scaler.update()
+            if scaler.is_enabled():  # fp16: GradScaler skips the step itself when a gradient is inf/NaN
+                if clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                scale_before = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                step_ok = scaler.get_scale() >= scale_before  # the scale shrinks only after a skipped step
+                why = f"GradScaler found inf/NaN gradients at scale {scale_before:g}"
+            else:  # fp32/bf16: a finite loss can still give inf/NaN gradients; never apply them
+                if clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                else:
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                step_ok = bool(torch.isfinite(norm))
+                if step_ok:
+                    optimizer.step()
+                why = f"gradient norm is {norm.item()}"
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if step_ok:
+                guard.ok()
+            else:
+                n_steps_skipped += 1
+                guard.skipped(f"epoch {epoch}, batch {i}", why)
+        else:
+            guard.ok()
         loss_sum += loss.item() * len(images)
         n_seen += len(images)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()
     seconds = time.time() - t0
-    if n_skipped:
-        log.warning("epoch %d: skipped %d batches with a non-finite loss", epoch, n_skipped)
+    if n_skipped or n_steps_skipped:
+        log.warning(
+            "epoch %d: skipped %d batches with a non-finite loss and %d optimizer steps with inf/NaN gradients",
+            epoch,
+            n_skipped,
+            n_steps_skipped,
+        )
     return {
         "train_loss": loss_sum / max(1, n_seen),
         "lr": optimizer.param_groups[0]["lr"],
         "train_images_per_s": n_seen / max(seconds, 1e-9),
         "train_seconds": round(seconds, 2),
         "skipped_batches": n_skipped,
+        "skipped_steps": n_steps_skipped,
     }
 
 
-def _finalize(cfg, fold, paths: FoldPaths, val_df, best, history, folds_path, seconds) -> dict[str, Any]:
+def check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, source: Path) -> None:
+    """Refuse to resume with a config that changes the result: the continued run would mix two experiments."""
+
+    def flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in mapping.items():
+            if isinstance(value, dict) and key not in ("params", "miner_params"):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, now = flat(stored), flat(config_to_dict(cfg))
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUME_MAY_DIFFER)
+    if differ:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise ArtifactExistsError(
+            f"{source} was trained with another config ({detail}); resume with the same settings, or start "
+            "over with train.force=true (or train a new experiment: name=...)"
+        )
+
+
+def _remove_work_files(paths: FoldPaths) -> None:
+    """Delete the resume point and the best-epoch files once the fold's outputs are written (history and log stay)."""
+    for p in [paths.last, *paths.work.glob("best_e*.pt"), *paths.work.glob("best_oof_e*.npz")]:
+        p.unlink(missing_ok=True)
+
+
+def _finalize(
+    cfg, fold, paths: FoldPaths, val_df, best, history, folds_path, seconds, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     if best["epoch"] < 0:
         raise RuntimeError("no epoch was validated")
-    embeddings = load_npz(paths.best_oof)["embeddings"]
+    embeddings = load_npz(paths.best_oof(best["epoch"]), hint="Start the fold over with train.force=true.")[
+        "embeddings"
+    ]
     scores = {
         "experiment": cfg.name,
         "fold": fold,
@@ -483,10 +695,13 @@ def _finalize(cfg, fold, paths: FoldPaths, val_df, best, history, folds_path, se
         "folds_sha256": file_sha256(folds_path),
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "skipped_batches": int(sum(h.get("skipped_batches", 0) for h in history)),
+        "skipped_steps": int(sum(h.get("skipped_steps", 0) for h in history)),
+        **(extra or {}),
     }
     # weights first, OOF last: the OOF file is what marks the fold finished
     with atomic_path(paths.weights) as tmp:
-        shutil.copyfile(paths.best, tmp)
+        shutil.copyfile(paths.best(best["epoch"]), tmp)
     save_text(paths.config, config_to_yaml(cfg))
     save_json(paths.scores, scores)
     save_npz(
@@ -497,8 +712,7 @@ def _finalize(cfg, fold, paths: FoldPaths, val_df, best, history, folds_path, se
         groups=val_df[GROUP].to_numpy(dtype=str),
         embeddings=embeddings.astype(np.float32),
     )
-    for p in (paths.last, paths.best, paths.best_oof):  # history.csv and train.log stay
-        p.unlink(missing_ok=True)
+    _remove_work_files(paths)
     log.info(
         "fold %d finished: best epoch %d, R@1 %.4f, MAP@R %.4f -> %s, %s",
         fold,
@@ -535,7 +749,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = config_from_args(args)
     for fold in parse_folds(args.fold):
-        train_fold(cfg, fold)
+        try:
+            train_fold(cfg, fold)
+        except (NonFiniteLossError, CorruptFileError) as e:  # a clear line and exit 2, not a traceback
+            log.error("%s", e)
+            raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ def read_image(path: str, size: int | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB; resized to ``size x size`` when given. Raises with the path on failure."""
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
-        raise OSError(f"cannot read image {path}")
+        raise OSError(
+            f"cannot read image {path}: missing, unreadable or not an image. Fix or remove it, or set "
+            "data.skip_bad_images=true to leave images that cannot be decoded out of training"
+        )
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if size is not None and image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)

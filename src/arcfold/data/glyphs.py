@@ -796,10 +796,20 @@ def generate_glyphs(
 
 
 def ensure_glyphs(out_dir: str | Path = DEFAULT_GLYPHS_DIR, *, seed: int = 0, **kwargs) -> Path:
-    """Generate into out_dir only if out_dir/train.csv is absent; return path of train.csv."""
-    csv = Path(out_dir) / "train.csv"
-    if not csv.exists():
-        generate_glyphs(out_dir, seed=seed, **kwargs)
+    """Generate into out_dir only if out_dir/train.csv is absent; return path of train.csv.
+
+    Under a lock beside ``out_dir``: processes started together (two ``train_fold.sh``) generate the set
+    once, the others wait and reuse it, and none swaps the folder while another reads it.
+    """
+    from arcfold.io import file_lock
+
+    out_dir = Path(out_dir)
+    csv = out_dir / "train.csv"
+    if csv.exists():
+        return csv
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock", what=f"data set {out_dir}"):
+        if not csv.exists():  # made by the process we waited for?
+            generate_glyphs(out_dir, seed=seed, **kwargs)
     return csv
 
 

@@ -67,8 +67,15 @@ def prepare_omniglot(source: str | Path = DEFAULT_OMNIGLOT_SOURCE, out_dir: str 
 
 
 def ensure_omniglot(out_dir: str | Path = "input/omniglot", source: str | Path = DEFAULT_OMNIGLOT_SOURCE) -> Path:
-    csv = Path(out_dir) / "train.csv"
-    return csv if csv.is_file() else prepare_omniglot(source, out_dir)
+    """Unpack the data set unless ``out_dir/train.csv`` exists; under a lock, so concurrent runs unpack it once."""
+    from arcfold.io import file_lock
+
+    out_dir = Path(out_dir)
+    csv = out_dir / "train.csv"
+    if csv.is_file():
+        return csv
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock", what=f"data set {out_dir}"):
+        return csv if csv.is_file() else prepare_omniglot(source, out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,10 @@ by the user's remaining columns unchanged:
 
 Everything is validated before any training starts and all problems are reported in one error
 that names the file, the row (0-based data row and the 1-based line of the CSV file) and the column:
-missing columns, empty labels, duplicate ids, and image files that are missing or cannot be decoded.
-Nothing is ever dropped silently.
+missing columns, empty labels, duplicate ids, image paths that point outside the data directory
+(absolute, or climbing out with ``..``), and image files that are missing or cannot be decoded.
+Nothing is ever dropped silently: with ``data.skip_bad_images=true`` images that cannot be decoded
+are reported as a warning with their count instead, and the train stage leaves them out.
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ class DataValidationError(ValueError):
     """The training data is not usable as given; the message lists every problem found."""
 
 
-def _raise_problems(source: Path | str, problems: list[str]) -> None:
+def _raise_problems(source: Path | str, problems: list[str], hint: str = "") -> None:
     if not problems:
         return
     listed = problems[:MAX_LISTED_PROBLEMS]
     more = len(problems) - len(listed)
     tail = f"\n  ... and {more} more" if more > 0 else ""
+    tail += f"\n{hint}" if hint else ""
     raise DataValidationError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + tail)
 
 
@@ -127,8 +130,19 @@ def load_train_table(cfg: DataConfig, csv_path: str | os.PathLike | None = None,
     rest = [c for c in raw.columns if c not in wanted.values() and c not in STANDARD_COLUMNS]
     df = pd.concat([df, raw[rest]], axis=1)
     check = cfg.check_images if check_images is None else check_images
-    check_image_files(df, image_root(cfg), mode=check, source=path, column=cfg.image_column)
+    check_image_files(
+        df, image_root(cfg), mode=check, source=path, column=cfg.image_column, skip_bad=cfg.skip_bad_images
+    )
     return df
+
+
+def _outside(path: str) -> bool:
+    """True when a CSV image path is absolute or climbs out of the image root (judged on the text, not the disk).
+
+    Symbolic links inside the data folder (Kaggle input mounts) stay allowed: only the path as written counts.
+    """
+    norm = os.path.normpath(path.replace("\\", "/"))  # backslashes count as separators: ..\x climbs out too
+    return os.path.isabs(norm) or norm == ".." or norm.startswith("../")
 
 
 def _image_problem(path: str, decode: bool) -> str | None:
@@ -151,10 +165,24 @@ def check_image_files(
     source: Path | str = "train.csv",
     column: str = IMAGE,
     progress: bool = True,
-) -> None:
-    """Check every image of ``df`` exists (``mode="exists"``) or also decodes (``"decode"``)."""
+    skip_bad: bool = False,
+) -> np.ndarray:
+    """Check every image of ``df`` stays inside ``root`` and exists (``mode="exists"``) or also decodes (``"decode"``).
+
+    Paths outside ``root`` are checked in every mode (even ``"none"``). Returns the positions of the rows
+    whose image cannot be decoded when ``skip_bad`` (logged as a warning with their count); otherwise any
+    problem raises :class:`DataValidationError`. A missing file is always an error.
+    """
+    images = df[IMAGE].astype(str).tolist()
+    outside = [
+        f"{_where(i)}, column '{column}': path {p!r} points outside the data directory {root}"
+        for i, p in enumerate(images)
+        if _outside(p)
+    ]
+    _raise_problems(source, outside)
+    no_rows = np.zeros(0, dtype=np.int64)
     if mode == "none":
-        return
+        return no_rows
     if mode not in ("exists", "decode"):
         raise ValueError(f"check_images must be decode, exists or none, got {mode!r}")
     paths = resolve_image_paths(df, root)
@@ -170,5 +198,24 @@ def check_image_files(
                 leave=False,
             )
         )
+    bad = no_rows
+    if skip_bad:
+        bad = np.array([i for i, msg in enumerate(results) if msg and msg.startswith("cannot decode")], np.int64)
+        if len(bad):
+            shown = "; ".join(f"{_where(i)}: {paths[i]}" for i in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            log.warning(
+                "%s: %d of %d images cannot be decoded and are skipped (data.skip_bad_images=true): %s%s",
+                source,
+                len(bad),
+                len(paths),
+                shown,
+                more,
+            )
+        skipped = set(bad.tolist())
+        results = [None if i in skipped else msg for i, msg in enumerate(results)]
     problems = [f"{_where(i)}, column '{column}': {msg}: {paths[i]}" for i, msg in enumerate(results) if msg]
-    _raise_problems(source, problems)
+    undecodable = any(msg and msg.startswith("cannot decode") for msg in results)
+    hint = "fix or remove the images that cannot be decoded, or set data.skip_bad_images=true to leave them out"
+    _raise_problems(source, problems, hint=hint if undecodable else "")
+    return bad

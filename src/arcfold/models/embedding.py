@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcfold.config import ExperimentConfig, ModelConfig, config_from_dict, config_to_dict
+from arcfold.io import CorruptFileError, load_torch
 from arcfold.models.necks import build_neck
 from arcfold.models.pooling import build_pool
 
@@ -94,14 +95,10 @@ def load_embedding_model(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[EmbeddingModel, ExperimentConfig, dict[str, Any]]:
     """Rebuild an embedding model from its checkpoint alone; returns (model in eval mode, config, checkpoint)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path}: truncated, corrupt or not an arcfold checkpoint ({e})") from e
+    # weights_only: tensors and plain data only; a pickle that would run code is refused before it runs
+    ckpt = load_torch(path, hint="Retrain the fold (train.force=true) or copy the checkpoint again.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an arcfold embedding checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CorruptFileError(f"{path} is not an arcfold embedding checkpoint (format {CHECKPOINT_FORMAT})")
     cfg = config_from_dict(ckpt["config"], source=str(path))
     # the weights come from the checkpoint: never load (or download) pretrained ones first
     cfg.model.pretrained, cfg.model.pretrained_path = False, None
