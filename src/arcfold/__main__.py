@@ -1,4 +1,4 @@
-"""``python -m arcfold <stage> ...``: prepare, folds, train, score, leaderboard, blend, tune, plots."""
+"""``python -m arcfold <stage> ...``: prepare, folds, train, score, leaderboard, blend, tune, plots, rerank, holdout."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ STAGES = {
     "blend": "arcfold.blend",
     "tune": "arcfold.tune",
     "plots": "arcfold.plots",
+    "rerank": "arcfold.rerank",
+    "holdout": "arcfold.holdout",
 }
 
 

@@ -28,12 +28,16 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def run_cli(main, argv: list[str] | None = None) -> int:
     """Run a stage's ``main``; user errors (bad config, bad data, refused overwrite) exit 2 with one clear line."""
+    from arcfold.blend import BlendError
     from arcfold.data.table import DataValidationError
     from arcfold.io import ArtifactExistsError
+    from arcfold.rerank import RerankError
+    from arcfold.submission import SubmissionError
 
+    user_errors = (ConfigError, DataValidationError, ArtifactExistsError, FileNotFoundError, BlendError, RerankError)
     try:
         main(argv)
-    except (ConfigError, DataValidationError, ArtifactExistsError, FileNotFoundError) as e:
+    except (*user_errors, SubmissionError) as e:
         logging.getLogger("arcfold").error("%s", e)
         return 2
     return 0

@@ -1,0 +1,159 @@
+"""Holdout stage: a local test set made from one fold, to run ``inference.py`` end to end and score its submission.
+
+``make`` splits the held-out images of a fold (the rows of ``oof/<exp>/fold<K>.npz``) the way
+:func:`arcfold.rerank.recognition_split` does: a fraction of the classes is "new" (queries only, truth
+``--new-label``); of every other class half of the images are queries and the rest the labelled gallery.
+Only that fold's own model never saw these images, so an honest local score uses ``folds=[K]`` at inference
+(the other folds' models trained on them). Files written to ``--out``:
+
+``query.csv``    ``id,image``                 (what a competition's test CSV gives)
+``gallery.csv``  ``id,image,label``           (the index / train images with their labels)
+``truth.csv``    ``id,label,is_new``          (the answers, for ``score``)
+
+Image paths are as in the training CSV, relative to the data set's image folder, which is printed
+(pass it as ``query.image_root`` and ``gallery.image_root``).
+
+``score`` reads a submission and the truth and prints the metric of the format: Recall@1/5/10 and mAP@K
+(retrieval; queries whose class is not in the gallery are skipped), GAP (recognition), MAP@5 (top5).
+
+CLI::
+
+    python -m arcfold holdout make --experiment NAME --fold 0 --out holdout/NAME [--new-fraction 0.2]
+    python -m arcfold holdout score --submission submissions/NAME.csv --holdout holdout/NAME --format top5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from arcfold.io import load_npz, save_json, save_text
+from arcfold.submission import (
+    DEFAULT_HEADERS,
+    global_average_precision,
+    map_at_k,
+    read_submission,
+    retrieval_scores,
+    validate_submission,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["make_holdout", "score_holdout"]
+
+
+def make_holdout(
+    oof_dir: str | Path, experiment: str, fold: int, out: str | Path, *, new_fraction: float, new_label: str, seed: int
+) -> dict[str, Any]:
+    from arcfold.rerank import recognition_split
+
+    exp_dir = Path(oof_dir) / experiment
+    arrays = load_npz(exp_dir / f"fold{fold}.npz")
+    config = yaml.safe_load((exp_dir / f"fold{fold}.config.yaml").read_text(encoding="utf-8"))
+    data = config["data"]
+    image_root = (Path(data["input_dir"]) / data["dataset"] / data["image_dir"]).resolve()
+    ids, images, labels = arrays["ids"].astype(str), arrays["images"].astype(str), arrays["labels"].astype(str)
+    q, g, is_new = recognition_split(labels, new_fraction, seed + fold)
+    out = Path(out)
+    save_text(out / "query.csv", pd.DataFrame({"id": ids[q], "image": images[q]}).to_csv(index=False))
+    save_text(
+        out / "gallery.csv", pd.DataFrame({"id": ids[g], "image": images[g], "label": labels[g]}).to_csv(index=False)
+    )
+    truth = pd.DataFrame({"id": ids[q], "label": np.where(is_new, new_label, labels[q]), "is_new": is_new})
+    save_text(out / "truth.csv", truth.to_csv(index=False))
+    info = {
+        "experiment": experiment,
+        "fold": fold,
+        "image_root": str(image_root),
+        "n_query": int(len(q)),
+        "n_gallery": int(len(g)),
+        "n_new_queries": int(is_new.sum()),
+        "new_label": new_label,
+        "seed": seed,
+    }
+    save_json(out / "holdout.json", info)
+    return info
+
+
+def score_holdout(submission: str | Path, holdout: str | Path, fmt: str) -> dict[str, float]:
+    holdout = Path(holdout)
+    info = json.loads((holdout / "holdout.json").read_text(encoding="utf-8"))
+    truth = pd.read_csv(holdout / "truth.csv", dtype=str, keep_default_na=False)
+    gallery = pd.read_csv(holdout / "gallery.csv", dtype=str, keep_default_na=False)
+    frame = read_submission(submission)
+    validate_submission(
+        frame,
+        fmt,
+        truth["id"],
+        gallery_ids=gallery["id"],
+        labels=gallery["label"],
+        new_label=info["new_label"],
+        id_header=frame.columns[0],
+        prediction_header=frame.columns[1],
+    )
+    id_header, pred_header = frame.columns[0], frame.columns[1]
+    predictions = frame.set_index(id_header)[pred_header].reindex(truth["id"]).fillna("").str.split()
+    out: dict[str, float] = {"n_queries": float(len(truth))}
+    if fmt == "retrieval":
+        label_of = dict(zip(gallery["id"], gallery["label"], strict=True))
+        counts = gallery["label"].value_counts()
+        n_relevant = truth["label"].map(counts).fillna(0).astype(int).to_numpy()
+        keep = n_relevant > 0
+        rows = [[label_of[g] for g in p] for p in predictions[keep]]
+        out.update(retrieval_scores(rows, truth["label"][keep].tolist(), n_relevant[keep], ks=(1, 5, 10)))
+    elif fmt == "recognition":
+        first = [p[0] if p else None for p in predictions]
+        conf = [float(p[1]) if p else float("nan") for p in predictions]
+        out["gap"] = global_average_precision(first, conf, truth["label"].tolist(), known=set(gallery["label"]))
+    else:
+        out["map@5"] = map_at_k(list(predictions), truth["label"].tolist(), k=5)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from arcfold.cli import setup_logging
+
+    parser = argparse.ArgumentParser(prog="arcfold holdout", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make", help="write query/gallery/truth CSVs from one fold's held-out images")
+    make.add_argument("--experiment", "-e", required=True)
+    make.add_argument("--fold", type=int, required=True)
+    make.add_argument("--out", required=True)
+    make.add_argument("--oof-dir", default="oof")
+    make.add_argument("--new-fraction", type=float, default=0.2)
+    make.add_argument("--new-label", default="new_individual")
+    make.add_argument("--seed", type=int, default=0)
+    score = sub.add_parser("score", help="score a submission against a holdout's truth")
+    score.add_argument("--submission", required=True)
+    score.add_argument("--holdout", required=True, help="the folder 'make' wrote")
+    score.add_argument("--format", required=True, choices=list(DEFAULT_HEADERS))
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.command == "make":
+        info = make_holdout(
+            args.oof_dir,
+            args.experiment,
+            args.fold,
+            args.out,
+            new_fraction=args.new_fraction,
+            new_label=args.new_label,
+            seed=args.seed,
+        )
+        log.info(
+            "wrote %s: %d queries (%d new), %d gallery images; images are under %s",
+            args.out,
+            info["n_query"],
+            info["n_new_queries"],
+            info["n_gallery"],
+            info["image_root"],
+        )
+    else:
+        scores = score_holdout(args.submission, args.holdout, args.format)
+        print(json.dumps(scores, indent=2))

@@ -1,0 +1,572 @@
+"""Inference stage: embed query and gallery images with fold/experiment ensembles, search, re-rank, write a submission.
+
+Made for an internet-less Kaggle notebook: weights come only from ``models_dir`` (which may be read-only; nothing
+is ever written there), nothing is downloaded, and ``inference.py`` at the repository root puts ``src/`` on
+``sys.path`` so no install step is needed. faiss is optional (exact torch search otherwise).
+
+What it does, in order (timings of each stage are logged at the end):
+
+1. **Models.** ``experiment: NAME`` uses every ``<models_dir>/NAME/fold<K>.pt`` of the experiment's
+   ``folds.n_splits`` folds (a missing fold is an error naming it, unless ``allow_missing_folds=true`` or
+   ``folds=[...]`` picks some); ``blend: PATH`` uses a blend spec (``python -m arcfold blend``) and all of its
+   member experiments. Checkpoints are loaded with ``torch.load(weights_only=True)``: no code runs from them.
+2. **Embedding.** Every image is decoded once per pass and resized (OpenCV ``INTER_AREA``, as the training
+   cache does) to each size the models need: ``image_size × scale`` for each ``tta.scales``; ``tta.hflip`` adds
+   the mirrored view. A model's embedding of an image is the mean of its views' L2-normalised embeddings,
+   normalised; an experiment's is the mean over its folds, normalised; a blend concatenates its experiments
+   with ``sqrt(weight)`` (:func:`arcfold.blend.blend_embeddings`). With one fold model, no TTA and scale 1 the
+   embeddings equal the OOF ones the train stage wrote for the same images.
+3. **Search + re-ranking.** :func:`arcfold.postprocess.rerank_pipeline` with the steps of a rerank spec
+   (``python -m arcfold rerank``; ``rerank: auto`` finds ``<oof_dir>/<experiment>/rerank.json`` or
+   ``<blend>.rerank.json`` beside the blend spec, then ``<models_dir>/<experiment>/rerank.json``; ``none`` turns
+   it off) and the search settings of ``search`` (exact / IVF / HNSW, faiss GPU when present, chunked).
+4. **Submission.** ``submission.format`` (see :mod:`arcfold.submission`): ``retrieval`` writes the top
+   ``submission.top_k`` gallery ids; ``recognition`` and ``top5`` vote over the neighbours' gallery labels
+   (``gallery.label_column`` required) with the rerank spec's vote settings (else ``vote``), ``top5`` inserting
+   ``submission.new_label`` below the threshold. The file is validated before it is written (atomically) to
+   ``<out_dir>/<name>.csv``; with ``save_embeddings=true`` the embeddings go to ``<out_dir>/<name>.npz``.
+
+Config: :class:`InferenceConfig` (YAML file with ``base:`` chains and ``key=value`` overrides, unknown keys are
+errors, as for training). Example::
+
+    python inference.py -c configs/inference/glyphs.yaml query.csv=q.csv gallery.csv=g.csv tta.hflip=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from arcfold.config import ConfigError
+from arcfold.data.dataset import read_image
+from arcfold.data.table import DataValidationError, read_csv
+from arcfold.data.transforms import build_eval_transform
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InferenceConfig", "embed_images", "load_ensemble", "load_inference_config", "run_inference"]
+
+DEFAULT_NEW_LABEL = "new_individual"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class TableConfig:
+    """A CSV of images: one row per image."""
+
+    csv: str = ""  # required
+    id_column: str = "id"
+    image_column: str = "image"
+    label_column: str | None = None  # gallery labels (recognition, top5)
+    image_root: str | None = None  # image paths are relative to this folder; default: the CSV's folder
+
+
+@dataclass
+class TTAConfig:
+    hflip: bool = False  # add the mirrored view (not for characters or text: a flip changes their identity)
+    scales: list[float] = field(default_factory=lambda: [1.0])  # resize to image_size * scale
+
+
+@dataclass
+class SearchConfig:
+    index: str = "exact"  # exact | ivf | hnsw
+    backend: str = "auto"  # auto (faiss if installed) | faiss | torch
+    device: str = "auto"  # auto (faiss GPU when present) | cpu | cuda
+    nlist: int | None = None  # ivf lists; default ~4 sqrt(N)
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 128
+
+
+@dataclass
+class VoteConfig:
+    """Label vote for recognition/top5, used when the rerank spec has none."""
+
+    k: int = 5
+    mode: str = "max"  # max | sum of the neighbours' similarities per label
+    threshold: float | None = None  # top5: new_label goes first below this score
+
+
+@dataclass
+class SubmissionConfig:
+    format: str = "retrieval"  # retrieval | recognition | top5
+    name: str | None = None  # file name; default: the experiment's or blend's name
+    top_k: int = 100  # retrieval: gallery ids per query
+    id_header: str | None = None  # default per format (id / id / image)
+    prediction_header: str | None = None  # default per format (images / landmarks / predictions)
+    new_label: str = DEFAULT_NEW_LABEL
+
+
+@dataclass
+class InferenceConfig:
+    experiment: str | None = None  # one experiment: all its folds
+    blend: str | None = None  # or a blend spec (oof/blends/NAME.json)
+    models_dir: str = "models"  # <models_dir>/<experiment>/fold<K>.pt; may be read-only
+    folds: list[int] | None = None  # default: all n_splits folds of each experiment
+    allow_missing_folds: bool = False  # use the folds that exist when some are missing
+    query: TableConfig = field(default_factory=TableConfig)
+    gallery: TableConfig = field(default_factory=TableConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    rerank: str = "auto"  # auto | none | path to a rerank spec
+    vote: VoteConfig = field(default_factory=VoteConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    oof_dir: str = "oof"  # where rerank: auto looks
+    out_dir: str = "submissions"
+    save_embeddings: bool = False
+    batch_size: int = 128
+    num_workers: int = 0  # DataLoader workers decoding images (0: in the main process)
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (fp16 on CUDA) | bf16 | off
+    progress: bool = True
+
+
+def load_inference_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> InferenceConfig:
+    """Defaults <- YAML chain (``base:``) <- ``key=value`` overrides, validated, as for training configs."""
+    from arcfold.config import _load_yaml_chain, _merge
+
+    schema = OmegaConf.structured(InferenceConfig)
+    cfg = schema
+    if path is not None:
+        for file, mapping in _load_yaml_chain(Path(path)):
+            cfg = _merge(cfg, mapping, str(file), schema)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command-line overrides: {e}") from None
+    obj: InferenceConfig = OmegaConf.to_object(_merge(cfg, dotlist, "command-line override", schema))  # type: ignore
+    _validate(obj)
+    return obj
+
+
+def _validate(cfg: InferenceConfig) -> None:
+    from arcfold.search import INDEX_KINDS
+    from arcfold.submission import FORMATS
+
+    problems = []
+    if (cfg.experiment is None) == (cfg.blend is None):
+        problems.append("set exactly one of 'experiment' and 'blend'")
+    for role in ("query", "gallery"):
+        if not getattr(cfg, role).csv:
+            problems.append(f"{role}.csv is required (a CSV with columns id and image)")
+    if cfg.submission.format not in FORMATS:
+        problems.append(f"submission.format must be one of {', '.join(FORMATS)} (got {cfg.submission.format!r})")
+    if cfg.submission.format in ("recognition", "top5") and not cfg.gallery.label_column:
+        problems.append(
+            f"submission.format={cfg.submission.format} needs gallery labels: set gallery.label_column"
+        )
+    if cfg.search.index not in INDEX_KINDS:
+        problems.append(f"search.index must be one of {', '.join(INDEX_KINDS)} (got {cfg.search.index!r})")
+    if cfg.search.backend not in ("auto", "faiss", "torch"):
+        problems.append(f"search.backend must be auto, faiss or torch (got {cfg.search.backend!r})")
+    if cfg.vote.mode not in ("max", "sum"):
+        problems.append(f"vote.mode must be max or sum (got {cfg.vote.mode!r})")
+    if cfg.amp not in ("auto", "fp16", "bf16", "off"):
+        problems.append(f"amp must be auto, fp16, bf16 or off (got {cfg.amp!r})")
+    if not cfg.tta.scales or any(s <= 0 for s in cfg.tta.scales):
+        problems.append(f"tta.scales must be positive numbers (got {cfg.tta.scales})")
+    for name in ("batch_size", "vote.k", "submission.top_k"):
+        value = OmegaConf.select(OmegaConf.structured(cfg), name)
+        if value < 1:
+            problems.append(f"{name} must be >= 1 (got {value})")
+    if problems:
+        raise ConfigError("invalid inference config:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass
+class ImageTable:
+    ids: list[str]
+    paths: list[str]
+    labels: list[str] | None
+
+
+def read_image_table(table: TableConfig, role: str) -> ImageTable:
+    """Read and check a query/gallery CSV: columns present, ids unique and non-empty, every image file present."""
+    csv = Path(table.csv)
+    df = read_csv(csv)
+    wanted = [table.id_column, table.image_column] + ([table.label_column] if table.label_column else [])
+    missing = [c for c in wanted if c not in df]
+    if missing:
+        raise DataValidationError(
+            f"{csv} ({role}): missing column(s) {', '.join(map(repr, missing))}; the file has {list(df.columns)}"
+        )
+    if df.empty:
+        raise DataValidationError(f"{csv} ({role}): no data rows")
+    problems = []
+    for col in wanted:
+        for i in np.flatnonzero((df[col].str.strip() == "").to_numpy()):
+            problems.append(f"row {i} (line {i + 2}), column '{col}': empty value")
+    for i in np.flatnonzero(df[table.id_column].duplicated().to_numpy()):
+        problems.append(
+            f"row {i} (line {i + 2}), column '{table.id_column}': duplicate id {df[table.id_column].iat[i]!r}"
+        )
+    root = Path(table.image_root) if table.image_root else csv.parent
+    paths = [str(root / p) for p in df[table.image_column]]
+    absent = [i for i, p in enumerate(paths) if not Path(p).is_file()]
+    for i in absent[:10]:
+        problems.append(f"row {i} (line {i + 2}), column '{table.image_column}': image not found: {paths[i]}")
+    if len(absent) > 10:
+        problems.append(f"... {len(absent)} images not found in all")
+    if problems:
+        raise DataValidationError(f"{csv} ({role}):\n  " + "\n  ".join(problems))
+    labels = df[table.label_column].tolist() if table.label_column else None
+    return ImageTable(df[table.id_column].tolist(), paths, labels)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# models
+
+
+@dataclass
+class FoldModel:
+    experiment: str
+    fold: int
+    model: torch.nn.Module
+    image_size: int
+
+
+@dataclass
+class Ensemble:
+    """The models to run and how to combine them: experiments (each a mean over folds) blended with weights."""
+
+    name: str
+    experiments: list[str]
+    weights: list[float]
+    models: list[FoldModel]
+    blend_path: Path | None = None
+
+
+def _experiment_checkpoints(models_dir: Path, experiment: str, folds: list[int] | None, allow_missing: bool):
+    from arcfold.models.embedding import load_embedding_model
+
+    exp_dir = models_dir / experiment
+    found = {int(p.stem[4:]): p for p in exp_dir.glob("fold*.pt") if p.stem[4:].isdigit()}
+    if not found:
+        raise FileNotFoundError(f"no fold<K>.pt checkpoint in {exp_dir} (experiment '{experiment}')")
+    # the checkpoints carry the experiment's config: it says how many folds there are
+    _, cfg, _ = load_embedding_model(found[min(found)], "cpu")
+    wanted = list(folds) if folds is not None else list(range(cfg.folds.n_splits))
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        names = ", ".join(f"fold{k}.pt" for k in missing)
+        if folds is not None or not allow_missing:
+            raise FileNotFoundError(
+                f"{exp_dir} is missing {names} (experiment '{experiment}' has {cfg.folds.n_splits} folds, "
+                f"found {', '.join(f'fold{k}.pt' for k in sorted(found))}); train them, or pick folds with "
+                f"folds=[{','.join(map(str, sorted(found)))}], or set allow_missing_folds=true"
+            )
+        log.warning("%s: %s missing, using the %d folds present (allow_missing_folds=true)", exp_dir, names, len(found))
+        wanted = [k for k in wanted if k in found]
+    return [(k, found[k]) for k in wanted]
+
+
+def load_ensemble(cfg: InferenceConfig, device: torch.device) -> Ensemble:
+    from arcfold.models.embedding import load_embedding_model
+
+    models_dir = Path(cfg.models_dir)
+    if cfg.blend is not None:
+        from arcfold.blend import load_blend_spec
+
+        blend_path = Path(cfg.blend)
+        spec = load_blend_spec(blend_path)
+        experiments, weights, name = list(spec["experiments"]), [float(w) for w in spec["weights"]], spec["name"]
+    else:
+        blend_path, experiments, weights, name = None, [cfg.experiment], [1.0], cfg.experiment
+    models = []
+    for exp in experiments:
+        for fold, path in _experiment_checkpoints(models_dir, exp, cfg.folds, cfg.allow_missing_folds):
+            model, model_cfg, _ = load_embedding_model(path, device)
+            models.append(FoldModel(exp, fold, model, model_cfg.data.image_size))
+            log.info("loaded %s (%s, %d px)", path, model_cfg.model.backbone, model_cfg.data.image_size)
+    return Ensemble(name, experiments, weights, models, blend_path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# embedding
+
+
+class _MultiSizeDataset(Dataset):
+    """Decodes each image once and returns it resized to every size needed: ``{size: (3, size, size) tensor}``."""
+
+    def __init__(self, paths: Sequence[str], sizes: Sequence[int]) -> None:
+        self.paths = list(paths)
+        self.transforms = {s: build_eval_transform(s) for s in sorted(set(sizes))}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[int, torch.Tensor]:
+        image = read_image(self.paths[index])  # (H, W, 3) uint8 RGB
+        views = {}
+        for size, transform in self.transforms.items():
+            resized = image
+            if image.shape[:2] != (size, size):
+                resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            views[size] = transform(image=resized)["image"]
+        return views
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp=fp16 needs CUDA; use bf16 or off on CPU")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@torch.inference_mode()
+def embed_images(
+    ensemble: Ensemble,
+    paths: Sequence[str],
+    *,
+    tta: TTAConfig,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """The ensemble's embedding of every image: (N, D) float32, unit norm (see the module doc for the combination)."""
+    from arcfold.blend import blend_embeddings
+
+    device = torch.device(device)
+
+    def view_size(m: FoldModel, scale: float) -> int:
+        return max(8, int(round(m.image_size * scale)))
+
+    sizes = [view_size(m, s) for m in ensemble.models for s in tta.scales]
+    loader = DataLoader(
+        _MultiSizeDataset(paths, sizes),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    per_model: list[list[np.ndarray]] = [[] for _ in ensemble.models]
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        batch = {s: x.to(device, non_blocking=True) for s, x in batch.items()}
+        for i, m in enumerate(ensemble.models):
+            total = None
+            for scale in tta.scales:
+                x = batch[view_size(m, scale)]  # (B, 3, s, s)
+                for flip in (False, True) if tta.hflip else (False,):
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        e = m.model.embed(x.flip(-1) if flip else x).float()  # (B, D), unit norm
+                    total = e if total is None else total + e
+            per_model[i].append(torch.nn.functional.normalize(total, dim=1).cpu().numpy())
+    members = []
+    for exp in ensemble.experiments:
+        folds = [np.concatenate(per_model[i]) for i, m in enumerate(ensemble.models) if m.experiment == exp]
+        members.append(_l2(np.mean(folds, axis=0)).astype(np.float32))  # (N, D_exp)
+    return members[0] if len(members) == 1 else blend_embeddings(members, ensemble.weights)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rerank spec
+
+
+def find_rerank_spec(cfg: InferenceConfig, ensemble: Ensemble) -> Path | None:
+    if cfg.rerank == "none":
+        return None
+    if cfg.rerank != "auto":
+        path = Path(cfg.rerank)
+        if not path.is_file():
+            raise FileNotFoundError(f"rerank spec {path} not found (rerank=auto finds one, rerank=none turns it off)")
+        return path
+    candidates = []
+    if ensemble.blend_path is not None:
+        candidates.append(ensemble.blend_path.with_suffix(".rerank.json"))
+    else:
+        candidates += [
+            Path(cfg.oof_dir) / ensemble.name / "rerank.json",
+            Path(cfg.models_dir) / ensemble.name / "rerank.json",
+        ]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
+    """Run the whole inference; returns a summary (paths, counts, timings, the post-processing used)."""
+    from arcfold.postprocess import rerank_pipeline, vote_labels
+    from arcfold.rerank import load_rerank_spec
+    from arcfold.submission import submission_frame, validate_submission, write_submission
+
+    timer = _Timer()
+    device = _resolve_device(cfg.device)
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    with timer("load"):
+        query = read_image_table(cfg.query, "query")
+        gallery = read_image_table(cfg.gallery, "gallery")
+        ensemble = load_ensemble(cfg, device)
+        rerank_path = find_rerank_spec(cfg, ensemble)
+        rerank = load_rerank_spec(rerank_path) if rerank_path else None
+    steps = rerank["steps"] if rerank else []
+    log.info(
+        "%s: %d model(s) of %d experiment(s); %d queries, %d gallery images; TTA hflip=%s scales=%s; rerank %s",
+        ensemble.name,
+        len(ensemble.models),
+        len(ensemble.experiments),
+        len(query.ids),
+        len(gallery.ids),
+        cfg.tta.hflip,
+        list(cfg.tta.scales),
+        f"{rerank['enabled']} ({rerank_path})" if rerank else "off",
+    )
+    embed = dict(
+        tta=cfg.tta,
+        batch_size=cfg.batch_size,
+        device=device,
+        amp_dtype=amp_dtype,
+        num_workers=cfg.num_workers,
+        progress=cfg.progress,
+    )
+    with timer("embed query"):
+        q = embed_images(ensemble, query.paths, desc="query", **embed)
+    with timer("embed gallery"):
+        g = embed_images(ensemble, gallery.paths, desc="gallery", **embed)
+
+    fmt = cfg.submission.format
+    vote = dict(rerank["vote"]) if rerank and rerank.get("vote") else None
+    if vote is None:
+        vote = {"k": cfg.vote.k, "mode": cfg.vote.mode, "threshold": cfg.vote.threshold}
+    depth = cfg.submission.top_k if fmt == "retrieval" else vote["k"]
+    depth = min(depth, len(gallery.ids))
+    search_kwargs = {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.search)).items()}
+    with timer("search + rerank"):
+        sims, idx = rerank_pipeline(q, g, steps, depth, **search_kwargs)  # (Q, depth)
+    with timer("submission"):
+        if fmt == "retrieval":
+            gallery_ids = np.asarray(gallery.ids, dtype=object)
+            predictions, confidences = [list(gallery_ids[row]) for row in idx], None
+        else:
+            threshold = vote.get("threshold") if fmt == "top5" else None  # recognition: GAP ranks by confidence
+            new_label = cfg.submission.new_label if threshold is not None else None
+            labels, scores = vote_labels(
+                idx,
+                sims,
+                np.asarray(gallery.labels, dtype=object),
+                k=min(vote["k"], depth),
+                mode=vote["mode"],
+                new_label=new_label,
+                threshold=threshold,
+                top=5,
+            )
+            predictions = [[lab for lab in row if lab not in (None, "")] for row in labels]
+            confidences = [float(row[0]) if len(row) else math.nan for row in scores]
+        frame = submission_frame(
+            fmt,
+            query.ids,
+            predictions,
+            confidences,
+            id_header=cfg.submission.id_header,
+            prediction_header=cfg.submission.prediction_header,
+        )
+        validate_submission(
+            frame,
+            fmt,
+            query.ids,
+            gallery_ids=gallery.ids,
+            labels=gallery.labels,
+            new_label=cfg.submission.new_label,
+            id_header=cfg.submission.id_header,
+            prediction_header=cfg.submission.prediction_header,
+        )
+        name = cfg.submission.name or ensemble.name
+        out = write_submission(Path(cfg.out_dir) / f"{name}.csv", frame)
+        if cfg.save_embeddings:
+            from arcfold.io import save_npz
+
+            save_npz(
+                Path(cfg.out_dir) / f"{name}.npz",
+                query_ids=np.asarray(query.ids, dtype=str),
+                query=q,
+                gallery_ids=np.asarray(gallery.ids, dtype=str),
+                gallery=g,
+            )
+    total = sum(timer.seconds.values())
+    log.info(
+        "wrote %s (%d rows): %s; total %.1f s",
+        out,
+        len(frame),
+        ", ".join(f"{k} {v:.1f} s" for k, v in timer.seconds.items()),
+        total,
+    )
+    return {
+        "submission": str(out),
+        "rows": len(frame),
+        "format": fmt,
+        "models": [f"{m.experiment}/fold{m.fold}" for m in ensemble.models],
+        "rerank": {
+            "spec": str(rerank_path) if rerank_path else None,
+            "steps": steps,
+            "vote": vote if fmt != "retrieval" else None,
+        },
+        "seconds": {**{k: round(v, 2) for k, v in timer.seconds.items()}, "total": round(total, 2)},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from arcfold.cli import setup_logging
+
+    parser = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", "-c", default=None, help="inference YAML (may 'base:' another)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. query.csv=test.csv tta.hflip=true")
+    args = parser.parse_args(argv)
+    setup_logging()
+    import arcfold
+
+    log.info("arcfold from %s", Path(arcfold.__file__).parent)
+    cfg = load_inference_config(args.config, args.overrides)
+    run_inference(cfg)

@@ -1,0 +1,498 @@
+"""Rerank stage: choose post-processing on OOF embeddings, with an honest (nested) estimate of what it gains.
+
+Post-processors (:mod:`arcfold.postprocess`): database-side augmentation ``dba``, α-query expansion ``qe``,
+k-reciprocal re-ranking ``kr``, alone and combined (always in that order), and for recognition the label
+vote over the top neighbours with a "new / unknown" threshold. Each is applied to the OOF embeddings of an
+experiment (or of a blend, with the blend's weights), fold by fold; embeddings of different folds come from
+different models and are never mixed.
+
+Evaluation per fold
+    *retrieval* (always): leave-one-out inside the fold, exactly as :mod:`arcfold.score` does: every image
+    whose class has another member is a query against all the other images of its fold. Recall@1/5/10 and
+    MAP@R of the re-ranked lists (depth ``max(10, max R)``, so MAP@R is exact).
+
+    *recognition* (``--task recognition``): a seeded split of the fold that mimics a test set. A fraction
+    ``--new-fraction`` of the classes is "new": all their images are queries whose truth is ``--new-label``
+    and none is in the gallery. Of every other class, half of the images (at least one, and at least one
+    left) are queries, the rest the labelled gallery. Queries are answered by the label vote; scored by
+    MAP@5 (the new label counts as a label) and GAP (top known label and its confidence).
+
+Parameter search (grids in :data:`DEFAULT_GRIDS`): a single method tries its whole grid; a combination starts
+from its members' best single settings and moves one parameter at a time over its grid while the objective
+strictly improves (deterministic). The vote's ``k``, ``mode`` and ``threshold`` are searched with every
+setting. The objective is the mean over the selection folds of ``--metric`` (default ``map@r`` for retrieval,
+``map@5`` for recognition).
+
+Honesty, as in blending: the **nested** score of a method is, for each fold K, the score on K of the settings
+chosen on the other folds; its mean over K estimates what the method gives on unseen data. With a single
+fold the fold's classes are split in two seeded halves which play the role of folds (each half is then a
+smaller gallery, so its absolute numbers are not the fold's). The written settings are chosen on all folds.
+A method is switched on (``enabled``) only if its nested score beats no post-processing by more than
+``--min-gain``; otherwise the spec says ``none`` and inference only searches.
+
+Output, ``oof/<exp>/rerank.json`` or ``oof/blends/<blend>.rerank.json`` (format ``arcfold.rerank/1``), and a
+Markdown table beside it (``.md``)::
+
+    {
+      "format": "arcfold.rerank/1", "name": "NAME", "created_at": "...",
+      "source": {"experiment": "exp"} | {"blend": "oof/blends/b.json", "experiments": [...], "weights": [...]},
+      "task": "retrieval" | "recognition", "metric": "map@r", "folds": [0, 1], "nesting": "folds" | "class_halves",
+      "enabled": "dba+qe",                       # or "none"
+      "steps": [{"name": "dba", "k": 2, "alpha": 3.0}, {"name": "qe", "k": 2, "alpha": 3.0}],  # what inference runs
+      "vote": {"k": 5, "mode": "max", "threshold": 0.45, "new_label": "new_individual"} | null,
+      "methods": {"none": {"steps": [], "vote": ..., "nested": {metric: mean}, "nested_per_fold": {...},
+                           "in_sample": {metric: mean}}, "dba": {...}, ...}
+    }
+
+CLI::
+
+    python -m arcfold rerank --experiment NAME [--task recognition] [--metric map@r]
+    python -m arcfold rerank --blend oof/blends/NAME.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from arcfold.blend import blend_embeddings, load_blend_folds, load_blend_spec
+from arcfold.io import ArtifactExistsError, save_json, save_text
+from arcfold.metrics import map_at_r, recall_at_k
+from arcfold.submission import global_average_precision, map_at_k
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_GRIDS",
+    "METHODS",
+    "RERANK_FORMAT",
+    "FoldData",
+    "load_rerank_spec",
+    "rerank_search",
+]
+
+RERANK_FORMAT = "arcfold.rerank/1"
+DEFAULT_GRIDS: dict[str, dict[str, list]] = {
+    "dba": {"k": [1, 2, 3, 5, 10], "alpha": [0.0, 1.0, 3.0]},
+    "qe": {"k": [1, 2, 3, 5, 10], "alpha": [0.0, 1.0, 3.0]},
+    "kr": {"k1": [10, 20, 30], "k2": [3, 6], "lambda": [0.1, 0.3, 0.6]},
+}
+VOTE_GRID: dict[str, list] = {
+    "k": [5, 20],
+    "mode": ["max", "sum"],
+    "threshold": [round(float(t), 2) for t in np.arange(-0.2, 1.0001, 0.05)],
+}
+METHODS = ("none", "dba", "qe", "kr", "dba+qe", "dba+kr", "qe+kr", "dba+qe+kr")
+RETRIEVAL_KS = (1, 5, 10)
+DEFAULT_NEW_LABEL = "new_individual"
+
+
+class RerankError(ValueError):
+    """The rerank stage cannot run as asked."""
+
+
+@dataclass
+class FoldData:
+    """One evaluation fold: L2-normalised embeddings (N, D) and labels (N,) of the held-out images."""
+
+    fold: int
+    embeddings: np.ndarray
+    labels: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# evaluation of one setting on one fold
+
+
+def metric_names(task: str) -> list[str]:
+    """The metrics reported (and selectable) for a task."""
+    return [f"recall@{k}" for k in RETRIEVAL_KS] + ["map@r"] + (["map@5", "gap"] if task == "recognition" else [])
+
+
+def _steps_for(method: str, params: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    if method == "none":
+        return []
+    return [{"name": name, **params[name]} for name in method.split("+")]
+
+
+def _key(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def recognition_split(labels: np.ndarray, new_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded query/gallery split of one fold: (query rows, gallery rows, query is-new flags); see module doc."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    n_new = int(round(new_fraction * len(classes)))
+    new_classes = set(rng.choice(classes, size=n_new, replace=False).tolist()) if n_new else set()
+    queries, gallery = [], []
+    for c in classes:
+        rows = np.flatnonzero(labels == c)
+        if c in new_classes:
+            queries.extend(rows.tolist())
+            continue
+        rows = rng.permutation(rows)
+        n_query = len(rows) // 2  # singletons stay gallery-only
+        queries.extend(rows[:n_query].tolist())
+        gallery.extend(rows[n_query:].tolist())
+    queries, gallery = np.sort(np.asarray(queries, dtype=np.int64)), np.sort(np.asarray(gallery, dtype=np.int64))
+    is_new = np.isin(labels[queries], list(new_classes))
+    return queries, gallery, is_new
+
+
+class _Evaluator:
+    """Scores of (steps, vote) settings on folds, memoised (the searches revisit the same settings)."""
+
+    def __init__(
+        self, folds: Sequence[FoldData], task: str, new_fraction: float, new_label: str, seed: int, search_kwargs
+    ) -> None:
+        self.folds = {f.fold: f for f in folds}
+        self.task = task
+        self.new_label = new_label
+        self.search_kwargs = dict(search_kwargs)
+        self.cache: dict[tuple[int, str], dict[str, float]] = {}
+        self.neighbours: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.splits = {}
+        if task == "recognition":
+            for f in folds:
+                q, g, is_new = recognition_split(f.labels, new_fraction, seed + f.fold)
+                if len(g) == 0 or len(q) == 0:
+                    raise RerankError(f"fold {f.fold}: the recognition split has no queries or no gallery")
+                self.splits[f.fold] = (q, g, is_new)
+
+    # retrieval: leave-one-out inside the fold
+    def retrieval(self, fold: int, steps: list[dict]) -> dict[str, float]:
+        from arcfold.postprocess import rerank_pipeline
+
+        key = (fold, "retrieval" + _key(steps))
+        if key not in self.cache:
+            f = self.folds[fold]
+            codes = pd.factorize(f.labels)[0]
+            n_relevant = np.bincount(codes)[codes] - 1  # (N,)
+            queries = np.flatnonzero(n_relevant >= 1)
+            depth = int(min(max(max(RETRIEVAL_KS), n_relevant.max()), len(codes) - 1))
+            _, idx = rerank_pipeline(f.embeddings, f.embeddings, steps, depth, exclude_self=True, **self.search_kwargs)
+            nbr = codes[idx[queries]]  # (Q, depth)
+            recall = recall_at_k(nbr, codes[queries], sorted({min(k, depth) for k in RETRIEVAL_KS}))
+            out = {f"recall@{k}": recall[min(k, depth)] for k in RETRIEVAL_KS}  # K > depth: the whole fold
+            out["map@r"] = map_at_r(nbr, codes[queries], n_relevant[queries])
+            self.cache[key] = out
+        return self.cache[key]
+
+    # recognition: the seeded query/gallery split, answered by the label vote
+    def recognition(self, fold: int, steps: list[dict], vote: dict[str, Any]) -> dict[str, float]:
+        from arcfold.postprocess import rerank_pipeline, vote_labels
+
+        key = (fold, "recognition" + _key([steps, vote]))
+        if key in self.cache:
+            return self.cache[key]
+        f = self.folds[fold]
+        q, g, is_new = self.splits[fold]
+        nkey = (fold, _key(steps))
+        if nkey not in self.neighbours:
+            depth = int(min(max(VOTE_GRID["k"]), len(g)))
+            self.neighbours[nkey] = rerank_pipeline(
+                f.embeddings[q], f.embeddings[g], steps, depth, exclude_self=False, **self.search_kwargs
+            )
+        sims, idx = self.neighbours[nkey]
+        labels, scores = vote_labels(
+            idx,
+            sims,
+            f.labels[g],
+            k=min(vote["k"], idx.shape[1]),
+            mode=vote["mode"],
+            new_label=self.new_label,
+            threshold=vote["threshold"],
+            top=5,
+        )
+        truth = np.where(is_new, self.new_label, f.labels[q]).astype(object)
+        map5 = map_at_k([list(row) for row in labels], truth.tolist(), k=5)
+        # GAP: the best known label and its confidence (the new label is not a prediction GAP can score)
+        first, conf = [], []
+        for row, srow in zip(labels, scores, strict=True):
+            pick = next(((lab, s) for lab, s in zip(row, srow, strict=True) if lab not in (None, self.new_label)), None)
+            first.append(pick[0] if pick else None)
+            conf.append(float(pick[1]) if pick else float("nan"))
+        known = set(f.labels[g].tolist())
+        gap = global_average_precision(first, conf, truth.tolist(), known=known)
+        out = {"map@5": map5, "gap": gap, "new_queries": float(is_new.mean())}
+        self.cache[key] = out
+        return out
+
+    def metrics(self, fold: int, steps: list[dict], vote: dict[str, Any] | None) -> dict[str, float]:
+        out = dict(self.retrieval(fold, steps))
+        if self.task == "recognition" and vote is not None:
+            out.update(self.recognition(fold, steps, vote))
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the search
+
+
+def _vote_settings() -> list[dict[str, Any]]:
+    return [dict(zip(VOTE_GRID, values, strict=True)) for values in itertools.product(*VOTE_GRID.values())]
+
+
+class _Search:
+    def __init__(self, evaluator: _Evaluator, metric: str, grids: dict[str, dict[str, list]]) -> None:
+        self.ev = evaluator
+        self.metric = metric
+        self.grids = grids
+
+    def objective(self, folds: Sequence[int], steps: list[dict]) -> tuple[float, dict | None]:
+        """Mean of the metric over ``folds``, and for recognition the vote setting that is best for these steps."""
+        vote = self.best_vote(folds, steps) if self.ev.task == "recognition" else None
+        return float(np.mean([self.ev.metrics(k, steps, vote)[self.metric] for k in folds])), vote
+
+    def best_vote(self, folds: Sequence[int], steps: list[dict]) -> dict[str, Any]:
+        metric = self.metric if self.metric in ("map@5", "gap") else "map@5"
+        best, best_vote = -np.inf, None
+        for vote in _vote_settings():
+            value = float(np.mean([self.ev.recognition(k, steps, vote)[metric] for k in folds]))
+            if value > best + 1e-12:
+                best, best_vote = value, vote
+        return best_vote
+
+    def single(self, name: str, folds: Sequence[int]) -> dict[str, Any]:
+        grid = self.grids[name]
+        best, best_params = -np.inf, None
+        for values in itertools.product(*grid.values()):
+            params = dict(zip(grid, values, strict=True))
+            value, _ = self.objective(folds, [{"name": name, **params}])
+            if value > best + 1e-12:
+                best, best_params = value, params
+        return best_params
+
+    def choose(self, method: str, folds: Sequence[int]) -> tuple[list[dict], dict | None]:
+        """Settings of ``method`` chosen on ``folds``: (steps, vote)."""
+        if method == "none":
+            return [], self.objective(folds, [])[1]
+        names = method.split("+")
+        params = {name: self.single(name, folds) for name in names}
+        if len(names) > 1:  # coordinate ascent from the singles' optimum
+            best, _ = self.objective(folds, _steps_for(method, params))
+            changed = True
+            while changed:
+                changed = False
+                for name in names:
+                    for param, values in self.grids[name].items():
+                        for value in values:
+                            if value == params[name][param]:
+                                continue
+                            trial = {n: dict(p) for n, p in params.items()}
+                            trial[name][param] = value
+                            score, _ = self.objective(folds, _steps_for(method, trial))
+                            if score > best + 1e-12:
+                                best, params, changed = score, trial, True
+        steps = _steps_for(method, params)
+        return steps, self.objective(folds, steps)[1]
+
+
+def _split_classes(fold: FoldData, seed: int) -> list[FoldData]:
+    classes = np.unique(fold.labels)
+    rng = np.random.default_rng(seed)
+    half = set(rng.permutation(classes)[: len(classes) // 2].tolist())
+    mask = np.isin(fold.labels, list(half))
+    return [
+        FoldData(fold=0, embeddings=fold.embeddings[mask], labels=fold.labels[mask]),
+        FoldData(fold=1, embeddings=fold.embeddings[~mask], labels=fold.labels[~mask]),
+    ]
+
+
+def rerank_search(
+    folds: Sequence[FoldData],
+    *,
+    task: str = "retrieval",
+    metric: str | None = None,
+    methods: Sequence[str] = METHODS,
+    grids: dict[str, dict[str, list]] | None = None,
+    new_fraction: float = 0.2,
+    new_label: str = DEFAULT_NEW_LABEL,
+    min_gain: float = 0.0,
+    seed: int = 0,
+    search_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Choose post-processing on OOF folds; returns the spec body (see module doc) without name/source."""
+    if task not in ("retrieval", "recognition"):
+        raise RerankError(f"task must be 'retrieval' or 'recognition', got {task!r}")
+    metric = metric or ("map@r" if task == "retrieval" else "map@5")
+    allowed = metric_names(task)
+    if metric not in allowed:
+        raise RerankError(f"metric {metric!r} is not available for task {task}; choose one of {', '.join(allowed)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise RerankError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    methods = ["none", *[m for m in methods if m != "none"]]
+    grids = {**DEFAULT_GRIDS, **(grids or {})}
+    nesting = "folds"
+    if len(folds) == 1:
+        folds, nesting = _split_classes(folds[0], seed), "class_halves"
+        log.info("one fold: its classes are split in two halves that play the role of folds for the nested score")
+    evaluator = _Evaluator(folds, task, new_fraction, new_label, seed, search_kwargs or {})
+    search = _Search(evaluator, metric, grids)
+    fold_ids = [f.fold for f in folds]
+
+    result: dict[str, Any] = {}
+    for method in methods:
+        started = time.perf_counter()
+        per_fold = {}
+        for held in fold_ids:
+            rest = [k for k in fold_ids if k != held]
+            steps, vote = search.choose(method, rest)
+            per_fold[str(held)] = {"steps": steps, "vote": vote, **evaluator.metrics(held, steps, vote)}
+        steps, vote = search.choose(method, fold_ids)
+        in_sample = pd.DataFrame([evaluator.metrics(k, steps, vote) for k in fold_ids]).mean().to_dict()
+        nested = pd.DataFrame(
+            [{m: v for m, v in row.items() if m not in ("steps", "vote")} for row in per_fold.values()]
+        ).mean()
+        result[method] = {
+            "steps": steps,
+            "vote": vote,
+            "nested": {m: float(v) for m, v in nested.items()},
+            "nested_per_fold": per_fold,
+            "in_sample": {m: float(v) for m, v in in_sample.items()},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        log.info(
+            "%-10s nested %s %.4f (in-sample %.4f) in %.1f s",
+            method,
+            metric,
+            result[method]["nested"][metric],
+            result[method]["in_sample"][metric],
+            result[method]["seconds"],
+        )
+    baseline = result["none"]["nested"][metric]
+    best = max(methods, key=lambda m: (result[m]["nested"][metric], -methods.index(m)))
+    enabled = best if result[best]["nested"][metric] > baseline + min_gain else "none"
+    return {
+        "task": task,
+        "metric": metric,
+        "folds": fold_ids if nesting == "folds" else [int(f) for f in fold_ids],
+        "nesting": nesting,
+        "enabled": enabled,
+        "steps": result[enabled]["steps"],
+        "vote": {**result[enabled]["vote"], "new_label": new_label} if task == "recognition" else None,
+        "gain": result[enabled]["nested"][metric] - baseline,
+        "methods": result,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# files
+
+
+def _load_folds(oof_dir: Path, experiments: list[str], weights: list[float]) -> list[FoldData]:
+    blend_folds, _ = load_blend_folds(oof_dir, experiments)
+    return [
+        FoldData(fold=bf.fold, embeddings=blend_embeddings(bf.members, weights), labels=bf.labels) for bf in blend_folds
+    ]
+
+
+def load_rerank_spec(path: str | Path) -> dict[str, Any]:
+    """Read a rerank spec and check its format; ``spec["steps"]`` and ``spec["vote"]`` are what inference runs."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RerankError(f"{path}: not valid JSON (truncated?): {e}") from None
+    if spec.get("format") != RERANK_FORMAT:
+        raise RerankError(f"{path} is not a rerank spec of format {RERANK_FORMAT} (got {spec.get('format')!r})")
+    return spec
+
+
+def render_rerank(spec: dict[str, Any]) -> str:
+    """Markdown table: each method's chosen settings and nested scores, with the gain over no post-processing."""
+    metric = spec["metric"]
+    columns = (
+        [f"recall@{k}" for k in RETRIEVAL_KS] + ["map@r"] + (["map@5", "gap"] if spec["task"] == "recognition" else [])
+    )
+    base = spec["methods"]["none"]["nested"]
+    lines = [
+        f"# Re-ranking on OOF: {spec['name']}",
+        "",
+        f"task {spec['task']}, selection metric {metric}, nested over {spec['nesting']} {spec['folds']}; "
+        f"enabled: **{spec['enabled']}** (gain {spec['gain']:+.4f})",
+        "",
+        "| method | settings (chosen on all folds) | " + " | ".join(columns) + f" | Δ {metric} |",
+        "|---|---|" + "---|" * (len(columns) + 1),
+    ]
+    for method, row in spec["methods"].items():
+        settings = "; ".join(
+            f"{s['name']} " + " ".join(f"{k}={v}" for k, v in s.items() if k != "name") for s in row["steps"]
+        )
+        if row.get("vote"):
+            settings += ("; " if settings else "") + "vote " + " ".join(f"{k}={v}" for k, v in row["vote"].items())
+        cells = " | ".join(f"{row['nested'][c]:.4f}" for c in columns)
+        lines.append(f"| {method} | {settings or '—'} | {cells} | {row['nested'][metric] - base[metric]:+.4f} |")
+    lines += ["", "Scores are nested: each fold scored with settings chosen on the other folds.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from arcfold.cli import setup_logging
+
+    parser = argparse.ArgumentParser(prog="arcfold rerank", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment", "-e", help="experiment name (oof/<name>/fold*.npz)")
+    source.add_argument("--blend", help="blend spec, e.g. oof/blends/NAME.json")
+    parser.add_argument("--oof-dir", default="oof")
+    parser.add_argument("--task", choices=("retrieval", "recognition"), default="retrieval")
+    parser.add_argument("--metric", default=None, help="selection metric (default map@r; map@5 for recognition)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--new-fraction", type=float, default=0.2, help="recognition: share of classes made 'new'")
+    parser.add_argument("--new-label", default=DEFAULT_NEW_LABEL)
+    parser.add_argument("--min-gain", type=float, default=0.0, help="switch a method on only above this nested gain")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing rerank spec")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    oof_dir = Path(args.oof_dir)
+    if args.experiment:
+        experiments, weights = [args.experiment], [1.0]
+        name, out = args.experiment, oof_dir / args.experiment / "rerank.json"
+        source_info: dict[str, Any] = {"experiment": args.experiment}
+    else:
+        blend_path = Path(args.blend)
+        blend = load_blend_spec(blend_path)
+        experiments, weights = list(blend["experiments"]), list(blend["weights"])
+        name, out = blend["name"], blend_path.with_suffix(".rerank.json")
+        source_info = {"blend": str(blend_path), "experiments": experiments, "weights": weights}
+    if out.exists() and not args.force:
+        raise ArtifactExistsError(f"{out} exists; pass --force to search again and overwrite it")
+    folds = _load_folds(oof_dir, experiments, weights)
+    log.info("%s: %d fold(s), %s images", name, len(folds), "+".join(str(len(f.labels)) for f in folds))
+    body = rerank_search(
+        folds,
+        task=args.task,
+        metric=args.metric,
+        methods=args.methods,
+        new_fraction=args.new_fraction,
+        new_label=args.new_label,
+        min_gain=args.min_gain,
+        seed=args.seed,
+    )
+    spec = {
+        "format": RERANK_FORMAT,
+        "name": name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source_info,
+        **body,
+    }
+    save_json(out, spec)
+    table = render_rerank(spec)
+    save_text(out.with_suffix(".md"), table)
+    print(table)
+    log.info("wrote %s", out)
