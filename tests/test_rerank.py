@@ -103,9 +103,9 @@ def test_cli_writes_the_spec_and_refuses_to_overwrite(tmp_path) -> None:
     write_experiment(tmp_path, "exp", {k: f.embeddings for k, f in folds.items()}, rows, n_splits=2)
     argv = ["--experiment", "exp", "--oof-dir", str(tmp_path / "oof"), "--methods", "qe"]
     main(argv)
-    spec = load_rerank_spec(tmp_path / "oof" / "exp" / "rerank.json")
+    spec = load_rerank_spec(tmp_path / "oof" / "exp" / "rerank-retrieval.json")
     assert spec["format"] == RERANK_FORMAT and spec["source"] == {"experiment": "exp"}
-    table = (tmp_path / "oof" / "exp" / "rerank.md").read_text()
+    table = (tmp_path / "oof" / "exp" / "rerank-retrieval.md").read_text()
     assert "| none |" in table and "| qe |" in table
     with pytest.raises(ArtifactExistsError, match="--force"):
         main(argv)

@@ -17,9 +17,11 @@ What it does, in order (timings of each stage are logged at the end):
    with ``sqrt(weight)`` (:func:`arcfold.blend.blend_embeddings`). With one fold model, no TTA and scale 1 the
    embeddings equal the OOF ones the train stage wrote for the same images.
 3. **Search + re-ranking.** :func:`arcfold.postprocess.rerank_pipeline` with the steps of a rerank spec
-   (``python -m arcfold rerank``; ``rerank: auto`` finds ``<oof_dir>/<experiment>/rerank.json`` or
-   ``<blend>.rerank.json`` beside the blend spec, then ``<models_dir>/<experiment>/rerank.json``; ``none`` turns
-   it off) and the search settings of ``search`` (exact / IVF / HNSW, faiss GPU when present, chunked).
+   (``python -m arcfold rerank``; ``rerank: auto`` takes the spec of the submission's task, ``retrieval`` or
+   ``recognition`` (for both recognition and top5): ``<oof_dir>/<experiment>/rerank-<task>.json``, then the same
+   name under ``<models_dir>/<experiment>/``, or ``<blend>.rerank-<task>.json`` beside a blend spec; ``none``
+   turns it off; a path names one) and the search settings of ``search`` (exact / IVF / HNSW, faiss GPU when
+   present, chunked).
 4. **Submission.** ``submission.format`` (see :mod:`arcfold.submission`): ``retrieval`` writes the top
    ``submission.top_k`` gallery ids; ``recognition`` and ``top5`` vote over the neighbours' gallery labels
    (``gallery.label_column`` required) with the rerank spec's vote settings (else ``vote``), ``top5`` inserting
@@ -173,9 +175,7 @@ def _validate(cfg: InferenceConfig) -> None:
     if cfg.submission.format not in FORMATS:
         problems.append(f"submission.format must be one of {', '.join(FORMATS)} (got {cfg.submission.format!r})")
     if cfg.submission.format in ("recognition", "top5") and not cfg.gallery.label_column:
-        problems.append(
-            f"submission.format={cfg.submission.format} needs gallery labels: set gallery.label_column"
-        )
+        problems.append(f"submission.format={cfg.submission.format} needs gallery labels: set gallery.label_column")
     if cfg.search.index not in INDEX_KINDS:
         problems.append(f"search.index must be one of {', '.join(INDEX_KINDS)} (got {cfg.search.index!r})")
     if cfg.search.backend not in ("auto", "faiss", "torch"):
@@ -395,6 +395,9 @@ def embed_images(
 
 
 def find_rerank_spec(cfg: InferenceConfig, ensemble: Ensemble) -> Path | None:
+    """The rerank spec to apply: ``rerank`` as a path, or for ``auto`` the rerank stage's file for this task."""
+    from arcfold.rerank import spec_path
+
     if cfg.rerank == "none":
         return None
     if cfg.rerank != "auto":
@@ -402,15 +405,15 @@ def find_rerank_spec(cfg: InferenceConfig, ensemble: Ensemble) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"rerank spec {path} not found (rerank=auto finds one, rerank=none turns it off)")
         return path
-    candidates = []
+    task = "retrieval" if cfg.submission.format == "retrieval" else "recognition"
     if ensemble.blend_path is not None:
-        candidates.append(ensemble.blend_path.with_suffix(".rerank.json"))
+        candidates = [spec_path(cfg.oof_dir, task, blend=ensemble.blend_path)]
     else:
-        candidates += [
-            Path(cfg.oof_dir) / ensemble.name / "rerank.json",
-            Path(cfg.models_dir) / ensemble.name / "rerank.json",
-        ]
-    return next((p for p in candidates if p.is_file()), None)
+        candidates = [spec_path(d, task, experiment=ensemble.name) for d in (cfg.oof_dir, cfg.models_dir)]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        log.info("no rerank spec (looked for %s): plain search", ", ".join(map(str, candidates)))
+    return found
 
 
 # --------------------------------------------------------------------------------------------------------------------

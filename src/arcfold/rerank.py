@@ -7,15 +7,17 @@ experiment (or of a blend, with the blend's weights), fold by fold; embeddings o
 different models and are never mixed.
 
 Evaluation per fold
-    *retrieval* (always): leave-one-out inside the fold, exactly as :mod:`arcfold.score` does: every image
-    whose class has another member is a query against all the other images of its fold. Recall@1/5/10 and
-    MAP@R of the re-ranked lists (depth ``max(10, max R)``, so MAP@R is exact).
+    A seeded query/gallery split of the fold's images that mimics a test set (:func:`recognition_split`): of every
+    class, half of the images (rounded down; singletons stay in the gallery) are queries and the rest the gallery;
+    with ``--task recognition`` a fraction ``--new-fraction`` of the classes is "new": all their images are queries
+    whose truth is ``--new-label`` and none is in the gallery. Queries and gallery are disjoint, as at test time:
+    leave-one-out inside one set would flatter DBA (a query would be part of its neighbours' augmented vectors).
 
-    *recognition* (``--task recognition``): a seeded split of the fold that mimics a test set. A fraction
-    ``--new-fraction`` of the classes is "new": all their images are queries whose truth is ``--new-label``
-    and none is in the gallery. Of every other class, half of the images (at least one, and at least one
-    left) are queries, the rest the labelled gallery. Queries are answered by the label vote; scored by
-    MAP@5 (the new label counts as a label) and GAP (top known label and its confidence).
+    *retrieval* (always): Recall@1/5/10 and MAP@R (R = the class's gallery images) of the re-ranked lists of the
+    queries whose class is in the gallery (lists of depth ``max(10, max R)``, so MAP@R is exact).
+
+    *recognition*: queries are answered by the label vote; scored by MAP@5 (the new label counts as a label) and
+    GAP (the best known label and its confidence).
 
 Parameter search (grids in :data:`DEFAULT_GRIDS`): a single method tries its whole grid; a combination starts
 from its members' best single settings and moves one parameter at a time over its grid while the objective
@@ -30,8 +32,8 @@ smaller gallery, so its absolute numbers are not the fold's). The written settin
 A method is switched on (``enabled``) only if its nested score beats no post-processing by more than
 ``--min-gain``; otherwise the spec says ``none`` and inference only searches.
 
-Output, ``oof/<exp>/rerank.json`` or ``oof/blends/<blend>.rerank.json`` (format ``arcfold.rerank/1``), and a
-Markdown table beside it (``.md``)::
+Output, ``oof/<exp>/rerank-<task>.json`` or ``oof/blends/<blend>.rerank-<task>.json`` (format
+``arcfold.rerank/1``; :func:`spec_path`), and a Markdown table beside it (``.md``)::
 
     {
       "format": "arcfold.rerank/1", "name": "NAME", "created_at": "...",
@@ -46,7 +48,7 @@ Markdown table beside it (``.md``)::
 
 CLI::
 
-    python -m arcfold rerank --experiment NAME [--task recognition] [--metric map@r]
+    python -m arcfold rerank --experiment NAME [--task recognition] [--metric map@r] [--folds 1 2 3]
     python -m arcfold rerank --blend oof/blends/NAME.json
 """
 
@@ -80,6 +82,7 @@ __all__ = [
     "FoldData",
     "load_rerank_spec",
     "rerank_search",
+    "spec_path",
 ]
 
 RERANK_FORMAT = "arcfold.rerank/1"
@@ -163,49 +166,58 @@ class _Evaluator:
         self.search_kwargs = dict(search_kwargs)
         self.cache: dict[tuple[int, str], dict[str, float]] = {}
         self.neighbours: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
-        self.splits = {}
-        if task == "recognition":
-            for f in folds:
-                q, g, is_new = recognition_split(f.labels, new_fraction, seed + f.fold)
-                if len(g) == 0 or len(q) == 0:
-                    raise RerankError(f"fold {f.fold}: the recognition split has no queries or no gallery")
-                self.splits[f.fold] = (q, g, is_new)
+        self.splits: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.depth: dict[int, int] = {}
+        for f in folds:
+            q, g, is_new = recognition_split(f.labels, new_fraction if task == "recognition" else 0.0, seed + f.fold)
+            if len(g) == 0 or len(q) == 0:
+                raise RerankError(f"fold {f.fold}: the query/gallery split has no queries or no gallery")
+            self.splits[f.fold] = (q, g, is_new)
+            n_relevant = pd.Series(f.labels[g]).value_counts()
+            wanted = max(max(RETRIEVAL_KS), int(n_relevant.max()), max(VOTE_GRID["k"]) if task == "recognition" else 0)
+            self.depth[f.fold] = min(wanted, len(g))
 
-    # retrieval: leave-one-out inside the fold
-    def retrieval(self, fold: int, steps: list[dict]) -> dict[str, float]:
+    def ranked(self, fold: int, steps: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """The fold's queries' re-ranked gallery neighbours: (sims, idx), each (Q, depth), idx into the gallery."""
         from arcfold.postprocess import rerank_pipeline
 
+        key = (fold, _key(steps))
+        if key not in self.neighbours:
+            f = self.folds[fold]
+            q, g, _ = self.splits[fold]
+            self.neighbours[key] = rerank_pipeline(
+                f.embeddings[q], f.embeddings[g], steps, self.depth[fold], **self.search_kwargs
+            )
+        return self.neighbours[key]
+
+    def retrieval(self, fold: int, steps: list[dict]) -> dict[str, float]:
+        """Recall@K and MAP@R of the queries whose class is in the gallery (R = its gallery images)."""
         key = (fold, "retrieval" + _key(steps))
         if key not in self.cache:
             f = self.folds[fold]
-            codes = pd.factorize(f.labels)[0]
-            n_relevant = np.bincount(codes)[codes] - 1  # (N,)
-            queries = np.flatnonzero(n_relevant >= 1)
-            depth = int(min(max(max(RETRIEVAL_KS), n_relevant.max()), len(codes) - 1))
-            _, idx = rerank_pipeline(f.embeddings, f.embeddings, steps, depth, exclude_self=True, **self.search_kwargs)
-            nbr = codes[idx[queries]]  # (Q, depth)
-            recall = recall_at_k(nbr, codes[queries], sorted({min(k, depth) for k in RETRIEVAL_KS}))
-            out = {f"recall@{k}": recall[min(k, depth)] for k in RETRIEVAL_KS}  # K > depth: the whole fold
-            out["map@r"] = map_at_r(nbr, codes[queries], n_relevant[queries])
+            q, g, _ = self.splits[fold]
+            _, idx = self.ranked(fold, steps)
+            gallery_labels = f.labels[g]
+            n_relevant = pd.Series(gallery_labels).value_counts().reindex(f.labels[q]).fillna(0).to_numpy(np.int64)
+            keep = n_relevant >= 1
+            nbr = gallery_labels[idx[keep]]  # (Q', depth)
+            depth = idx.shape[1]
+            recall = recall_at_k(nbr, f.labels[q][keep], sorted({min(k, depth) for k in RETRIEVAL_KS}))
+            out = {f"recall@{k}": recall[min(k, depth)] for k in RETRIEVAL_KS}  # K > depth: the whole gallery
+            out["map@r"] = map_at_r(nbr, f.labels[q][keep], np.minimum(n_relevant[keep], depth))
             self.cache[key] = out
         return self.cache[key]
 
-    # recognition: the seeded query/gallery split, answered by the label vote
     def recognition(self, fold: int, steps: list[dict], vote: dict[str, Any]) -> dict[str, float]:
-        from arcfold.postprocess import rerank_pipeline, vote_labels
+        """MAP@5 (new label included) and GAP (best known label) of the label vote."""
+        from arcfold.postprocess import vote_labels
 
         key = (fold, "recognition" + _key([steps, vote]))
         if key in self.cache:
             return self.cache[key]
         f = self.folds[fold]
         q, g, is_new = self.splits[fold]
-        nkey = (fold, _key(steps))
-        if nkey not in self.neighbours:
-            depth = int(min(max(VOTE_GRID["k"]), len(g)))
-            self.neighbours[nkey] = rerank_pipeline(
-                f.embeddings[q], f.embeddings[g], steps, depth, exclude_self=False, **self.search_kwargs
-            )
-        sims, idx = self.neighbours[nkey]
+        sims, idx = self.ranked(fold, steps)
         labels, scores = vote_labels(
             idx,
             sims,
@@ -224,9 +236,8 @@ class _Evaluator:
             pick = next(((lab, s) for lab, s in zip(row, srow, strict=True) if lab not in (None, self.new_label)), None)
             first.append(pick[0] if pick else None)
             conf.append(float(pick[1]) if pick else float("nan"))
-        known = set(f.labels[g].tolist())
-        gap = global_average_precision(first, conf, truth.tolist(), known=known)
-        out = {"map@5": map5, "gap": gap, "new_queries": float(is_new.mean())}
+        gap = global_average_precision(first, conf, truth.tolist(), known=set(f.labels[g].tolist()))
+        out = {"map@5": map5, "gap": gap}
         self.cache[key] = out
         return out
 
@@ -393,8 +404,20 @@ def rerank_search(
 # files
 
 
-def _load_folds(oof_dir: Path, experiments: list[str], weights: list[float]) -> list[FoldData]:
-    blend_folds, _ = load_blend_folds(oof_dir, experiments)
+def spec_path(
+    oof_dir: str | Path, task: str, *, experiment: str | None = None, blend: str | Path | None = None
+) -> Path:
+    """Where the rerank spec of an experiment (``oof/<exp>/rerank-<task>.json``) or a blend lives."""
+    if blend is not None:
+        blend = Path(blend)
+        return blend.with_name(f"{blend.stem}.rerank-{task}.json")
+    return Path(oof_dir) / str(experiment) / f"rerank-{task}.json"
+
+
+def _load_folds(
+    oof_dir: Path, experiments: list[str], weights: list[float], folds: Sequence[int] | None = None
+) -> list[FoldData]:
+    blend_folds, _ = load_blend_folds(oof_dir, experiments, folds)
     return [
         FoldData(fold=bf.fold, embeddings=blend_embeddings(bf.members, weights), labels=bf.labels) for bf in blend_folds
     ]
@@ -454,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-fraction", type=float, default=0.2, help="recognition: share of classes made 'new'")
     parser.add_argument("--new-label", default=DEFAULT_NEW_LABEL)
     parser.add_argument("--min-gain", type=float, default=0.0, help="switch a method on only above this nested gain")
+    parser.add_argument("--folds", type=int, nargs="+", default=None, help="finished folds to use (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite an existing rerank spec")
     args = parser.parse_args(argv)
@@ -462,17 +486,17 @@ def main(argv: list[str] | None = None) -> None:
     oof_dir = Path(args.oof_dir)
     if args.experiment:
         experiments, weights = [args.experiment], [1.0]
-        name, out = args.experiment, oof_dir / args.experiment / "rerank.json"
+        name, out = args.experiment, spec_path(oof_dir, args.task, experiment=args.experiment)
         source_info: dict[str, Any] = {"experiment": args.experiment}
     else:
         blend_path = Path(args.blend)
         blend = load_blend_spec(blend_path)
         experiments, weights = list(blend["experiments"]), list(blend["weights"])
-        name, out = blend["name"], blend_path.with_suffix(".rerank.json")
+        name, out = blend["name"], spec_path(oof_dir, args.task, blend=blend_path)
         source_info = {"blend": str(blend_path), "experiments": experiments, "weights": weights}
     if out.exists() and not args.force:
         raise ArtifactExistsError(f"{out} exists; pass --force to search again and overwrite it")
-    folds = _load_folds(oof_dir, experiments, weights)
+    folds = _load_folds(oof_dir, experiments, weights, args.folds)
     log.info("%s: %d fold(s), %s images", name, len(folds), "+".join(str(len(f.labels)) for f in folds))
     body = rerank_search(
         folds,
