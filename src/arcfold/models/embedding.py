@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,15 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         overlay = {"file": str(path), "source": "", "url": None, "hf_hub_id": None}
         try:
+            # timm reads .safetensors with safetensors and anything else with torch.load(weights_only=True)
             return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-        except RuntimeError as e:  # key/shape mismatch from load_state_dict
+        except (RuntimeError, pickle.UnpicklingError) as e:
+            if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+                raise CorruptFileError(
+                    f"model.pretrained_path={path}: refused, the file holds pickled objects besides tensors and "
+                    f"plain data, and loading them could run code ({e}). Use a plain state dict or a .safetensors file"
+                ) from e
+            # key/shape mismatch from load_state_dict
             raise RuntimeError(f"model.pretrained_path={path} does not fit backbone {cfg.backbone!r}: {e}") from e
     return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
 
