@@ -12,11 +12,13 @@
 #   bash train_fold.sh 1 configs/omniglot_arcface.yaml train.resume=true
 #
 # Each fold runs in its own process: a crash in one fold loses nothing of the others, and
-# `train.resume=true` continues an interrupted fold from its last epoch (finished folds are skipped).
+# `train.resume=true` continues an interrupted fold from its last finished epoch (finished folds
+# are skipped). Several train_fold.sh may run at once on different folds (one per GPU): file locks
+# make them share the data set, the fold file and the scores; the same fold twice is refused.
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   exit $(( $# < 1 ? 2 : 0 ))
 fi
 spec=$1; shift

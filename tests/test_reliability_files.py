@@ -16,7 +16,7 @@ import arcfold.io
 from arcfold.config import ModelConfig, load_config
 from arcfold.data.table import DataValidationError
 from arcfold.folds import ensure_folds
-from arcfold.io import KILL_AT_ENV, CorruptFileError, load_npz, load_torch
+from arcfold.io import KILL_AT_ENV, CorruptFileError, UnsafeFileError, load_npz, load_torch
 from arcfold.leaderboard import build_leaderboard, write_leaderboard
 from arcfold.models.embedding import build_model, create_backbone, embedding_checkpoint, load_embedding_model
 from arcfold.plots import make_plots
@@ -167,9 +167,10 @@ def test_the_payload_is_live(tmp_path):
 def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = _malicious(tmp_path / "fold0.pt", marker)
-    with pytest.raises(CorruptFileError, match=r"fold0\.pt.*(Unsupported global|weights_only)"):
+    unsafe = r"refused to load .*fold0\.pt: it holds pickled Python objects \(posix\.system\).*could run code"
+    with pytest.raises(UnsafeFileError, match=unsafe):
         load_embedding_model(path)
-    with pytest.raises(CorruptFileError):
+    with pytest.raises(UnsafeFileError, match=unsafe):
         load_torch(path)
     assert not marker.exists()
 
@@ -180,7 +181,7 @@ def test_malicious_resume_point_is_refused_and_never_runs(tmp_path):
     paths = FoldPaths(cfg, 0)
     paths.work.mkdir(parents=True)
     _malicious(paths.last, marker)
-    with pytest.raises(CorruptFileError, match=r"last\.pt"):
+    with pytest.raises(UnsafeFileError, match=r"refused to load .*last\.pt"):
         train_fold(cfg, 0)
     assert not marker.exists()
 
@@ -188,7 +189,9 @@ def test_malicious_resume_point_is_refused_and_never_runs(tmp_path):
 def test_malicious_pretrained_weights_are_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
     path = _malicious(tmp_path / "resnet10t.pth", marker, arcfold_like=False)
-    with pytest.raises(CorruptFileError, match=r"model.pretrained_path=.*resnet10t\.pth: refused"):
+    with pytest.raises(
+        UnsafeFileError, match=r"refused to load model.pretrained_path=.*resnet10t\.pth: it holds pickled"
+    ):
         create_backbone(ModelConfig(backbone="resnet10t", pretrained_path=str(path)))
     assert not marker.exists()
 

@@ -27,6 +27,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import tempfile
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "ArtifactExistsError",
     "CorruptFileError",
     "LockedError",
+    "UnsafeFileError",
     "atomic_path",
     "fault_point",
     "file_lock",
@@ -54,6 +56,7 @@ __all__ = [
     "save_npz",
     "save_text",
     "save_torch",
+    "unsafe_pickle_error",
 ]
 
 KILL_AT_ENV = "ARCFOLD_KILL_AT"
@@ -65,6 +68,10 @@ class ArtifactExistsError(FileExistsError):
 
 class CorruptFileError(ValueError):
     """A file exists but cannot be read as what it should be: truncated, corrupt, or of another kind."""
+
+
+class UnsafeFileError(CorruptFileError):
+    """A file that would run code if loaded (a pickle of Python objects besides tensors and plain data): refused."""
 
 
 class LockedError(ArtifactExistsError):
@@ -191,6 +198,24 @@ def load_json(path: str | os.PathLike, hint: str = "") -> Any:
         raise _corrupt(path, "a JSON file", e, hint) from e
 
 
+def unsafe_pickle_error(path: str | os.PathLike, error: BaseException, hint: str = "") -> UnsafeFileError | None:
+    """The :class:`UnsafeFileError` for ``torch.load(weights_only=True)``'s refusal, or None for other errors.
+
+    torch's own message ends by suggesting ``weights_only=False``, which would run the payload: it is not repeated.
+    """
+    text = str(error)
+    if "weights_only" not in text and "GLOBAL" not in text:
+        return None
+    found = re.findall(r"GLOBAL ([\w.]+)|Unsupported globals?: ([\w.]+(?:, [\w.]+)*)", text)
+    names = sorted({name.strip(".") for pair in found for part in pair for name in part.split(", ") if name})
+    what = f" ({', '.join(names)})" if names else ""
+    return UnsafeFileError(
+        f"refused to load {path}: it holds pickled Python objects{what} besides tensors and plain data, and "
+        "unpickling them could run code (arcfold loads tensors and plain data only). "
+        + (hint or "Use a state dict of tensors or a .safetensors file from a source you trust.")
+    )
+
+
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
     import torch
 
@@ -201,8 +226,8 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 def load_torch(path: str | os.PathLike, hint: str = "") -> Any:
     """``torch.load(weights_only=True)`` on CPU: tensors and plain data only, no code from the file runs.
 
-    A pickle that would build any other object (a ``__reduce__`` payload calling ``os.system``, say)
-    is refused before it runs, like a truncated or corrupt file, with :class:`CorruptFileError`.
+    A pickle that would build any other object (a ``__reduce__`` payload calling ``os.system``, say) is
+    refused before it runs (:class:`UnsafeFileError`); a truncated or corrupt file raises :class:`CorruptFileError`.
     """
     import torch
 
@@ -211,7 +236,7 @@ def load_torch(path: str | os.PathLike, hint: str = "") -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip archive), EOFError, ...
-        raise _corrupt(path, "a PyTorch file of tensors and plain data", e, hint) from e
+        raise (unsafe_pickle_error(path, e, hint) or _corrupt(path, "a PyTorch file", e, hint)) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from arcfold.io import file_lock, load_json, load_npz, save_json, save_text
+from arcfold.io import CorruptFileError, file_lock, load_json, load_npz, save_json, save_text
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg = load_config(args.config, args.overrides)
         oof_dir = cfg.oof_dir
-    summary = score_experiment(oof_dir, recompute=args.recompute)
+    try:
+        summary = score_experiment(oof_dir, recompute=args.recompute)
+    except CorruptFileError as e:  # a truncated fold file: one line naming it, not a traceback
+        log.error("%s", e)
+        raise SystemExit(2) from None
     with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160):
         print(f"\n{oof_dir.name}: leave-one-out retrieval on each held-out fold\n{summary}\n")
     log.info("wrote %s", oof_dir / "scores.csv")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcfold.config import ExperimentConfig, ModelConfig, config_from_dict, config_to_dict
-from arcfold.io import CorruptFileError, load_torch
+from arcfold.io import CorruptFileError, load_torch, unsafe_pickle_error
 from arcfold.models.necks import build_neck
 from arcfold.models.pooling import build_pool
 
@@ -51,11 +51,9 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             # timm reads .safetensors with safetensors and anything else with torch.load(weights_only=True)
             return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         except (RuntimeError, pickle.UnpicklingError) as e:
-            if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
-                raise CorruptFileError(
-                    f"model.pretrained_path={path}: refused, the file holds pickled objects besides tensors and "
-                    f"plain data, and loading them could run code ({e}). Use a plain state dict or a .safetensors file"
-                ) from e
+            unsafe = unsafe_pickle_error(f"model.pretrained_path={path}", e)
+            if unsafe is not None:
+                raise unsafe from None
             # key/shape mismatch from load_state_dict
             raise RuntimeError(f"model.pretrained_path={path} does not fit backbone {cfg.backbone!r}: {e}") from e
     return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
