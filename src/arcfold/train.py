@@ -369,7 +369,9 @@ def _train_fold(
     # The folds stage decoded every image already (data.check_images); here, per fold, only check the
     # files are still there: decoding 1.6M landmark images again for every fold would cost minutes.
     # With data.skip_bad_images the decode is needed to know which images to leave out.
-    check = "exists" if cfg.data.check_images == "decode" and not cfg.data.skip_bad_images else cfg.data.check_images
+    check = "exists" if cfg.data.check_images == "decode" else cfg.data.check_images
+    if cfg.data.skip_bad_images and check != "none":
+        check = "decode"
     bad = check_image_files(
         folds_df, root, mode=check, source=folds_path, progress=cfg.train.progress, skip_bad=cfg.data.skip_bad_images
     )
@@ -751,7 +753,9 @@ def main(argv: list[str] | None = None) -> None:
     for fold in parse_folds(args.fold):
         try:
             train_fold(cfg, fold)
-        except (NonFiniteLossError, CorruptFileError) as e:  # a clear line and exit 2, not a traceback
+        except NonFiniteLossError:  # logged by train_fold, with the checkpoint it keeps: exit 2, no traceback
+            raise SystemExit(2) from None
+        except CorruptFileError as e:  # a clear line naming the file and exit 2, not a traceback
             log.error("%s", e)
             raise SystemExit(2) from None
 
