@@ -120,3 +120,24 @@ def test_a_truncated_spec_is_reported(tmp_path) -> None:
     path.write_text('{"format": "other"}')
     with pytest.raises(RerankError, match="not a rerank spec"):
         load_rerank_spec(path)
+
+
+def test_map5_for_all_thresholds_equals_rerunning_the_vote() -> None:
+    from arcfold.postprocess import vote_labels
+    from arcfold.rerank import map5_by_threshold
+    from arcfold.submission import map_at_k
+
+    rng = np.random.default_rng(7)
+    n_q, n_g = 300, 200
+    gallery_labels = rng.integers(0, 30, n_g).astype(str).astype(object)
+    sims = np.sort(rng.uniform(-0.2, 1.0, size=(n_q, 8)).round(2), axis=1)[:, ::-1].astype(np.float32)  # ties too
+    idx = rng.integers(0, n_g, size=(n_q, 8))
+    truth = rng.integers(0, 36, n_q).astype(str)  # labels 30..35 are in no gallery
+    is_new = rng.random(n_q) < 0.25
+    thresholds = np.round(np.arange(-0.2, 1.0001, 0.05), 2)
+    labels, scores = vote_labels(idx, sims, gallery_labels, k=8, mode="sum", top=5)
+    curve = map5_by_threshold(labels, scores, truth, is_new, thresholds)
+    truth_with_new = np.where(is_new, "new", truth)
+    for t, value in zip(thresholds, curve, strict=True):
+        direct, _ = vote_labels(idx, sims, gallery_labels, k=8, mode="sum", new_label="new", threshold=t, top=5)
+        assert value == pytest.approx(map_at_k([list(r) for r in direct], truth_with_new.tolist(), k=5)), t

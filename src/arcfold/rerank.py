@@ -71,7 +71,7 @@ import pandas as pd
 from arcfold.blend import blend_embeddings, load_blend_folds, load_blend_spec
 from arcfold.io import ArtifactExistsError, save_json, save_text
 from arcfold.metrics import map_at_r, recall_at_k
-from arcfold.submission import global_average_precision, map_at_k
+from arcfold.submission import global_average_precision
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,30 @@ def recognition_split(labels: np.ndarray, new_fraction: float, seed: int) -> tup
     return queries, gallery, is_new
 
 
+def map5_by_threshold(
+    labels: np.ndarray, scores: np.ndarray, truth: np.ndarray, is_new: np.ndarray, thresholds: np.ndarray
+) -> np.ndarray:
+    """MAP@5 for every new-label threshold at once, from one vote without the new label; (T,) float64.
+
+    ``labels``/``scores`` (Q, 5) from :func:`arcfold.postprocess.vote_labels` (best first, NaN score = padding),
+    ``truth`` (Q,) the true labels, ``is_new`` (Q,) whether the truth is the new label. Inserting the new label
+    at threshold t puts it at position p = the number of scores >= t (vote_labels' rule), pushing the labels
+    from p on one place down (the 5th falls out). So a new query scores 1/(p+1) if p < 5, and a known query whose
+    label is at rank r scores 1/(r+1) if r < p, else 1/(r+2) if r + 1 < 5, else 0 -- the same numbers as
+    re-running the vote for every threshold, without re-running it (checked in tests/test_rerank.py).
+    """
+    scores = np.where(np.isnan(scores), -np.inf, scores)  # padding is never ahead of the new label
+    hit = labels == truth[:, None]  # (Q, 5)
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)  # (Q,) the truth's rank, -1 if not in the list
+    p = (scores[:, None, :] >= thresholds[None, :, None]).sum(axis=2)  # (Q, T) the new label's position
+    new_score = np.where(p < 5, 1.0 / (p + 1), 0.0)  # (Q, T)
+    r = np.maximum(rank, 0)[:, None]  # (Q, 1); absent truths are zeroed below
+    known_score = np.where(
+        rank[:, None] < 0, 0.0, np.where(r < p, 1.0 / (r + 1), np.where(r + 1 < 5, 1.0 / (r + 2), 0.0))
+    )  # (Q, T)
+    return np.where(is_new[:, None], new_score, known_score).mean(axis=0)
+
+
 class _Evaluator:
     """Scores of (steps, vote) settings on folds, memoised (the searches revisit the same settings)."""
 
@@ -208,38 +232,29 @@ class _Evaluator:
             self.cache[key] = out
         return self.cache[key]
 
-    def recognition(self, fold: int, steps: list[dict], vote: dict[str, Any]) -> dict[str, float]:
-        """MAP@5 (new label included) and GAP (best known label) of the label vote."""
+    def voted(self, fold: int, steps: list[dict], k: int, mode: str) -> dict[str, Any]:
+        """The vote without the new label: MAP@5 for every threshold of the grid at once, and GAP."""
         from arcfold.postprocess import vote_labels
 
-        key = (fold, "recognition" + _key([steps, vote]))
-        if key in self.cache:
-            return self.cache[key]
-        f = self.folds[fold]
-        q, g, is_new = self.splits[fold]
-        sims, idx = self.ranked(fold, steps)
-        labels, scores = vote_labels(
-            idx,
-            sims,
-            f.labels[g],
-            k=min(vote["k"], idx.shape[1]),
-            mode=vote["mode"],
-            new_label=self.new_label,
-            threshold=vote["threshold"],
-            top=5,
-        )
-        truth = np.where(is_new, self.new_label, f.labels[q]).astype(object)
-        map5 = map_at_k([list(row) for row in labels], truth.tolist(), k=5)
-        # GAP: the best known label and its confidence (the new label is not a prediction GAP can score)
-        first, conf = [], []
-        for row, srow in zip(labels, scores, strict=True):
-            pick = next(((lab, s) for lab, s in zip(row, srow, strict=True) if lab not in (None, self.new_label)), None)
-            first.append(pick[0] if pick else None)
-            conf.append(float(pick[1]) if pick else float("nan"))
-        gap = global_average_precision(first, conf, truth.tolist(), known=set(f.labels[g].tolist()))
-        out = {"map@5": map5, "gap": gap}
-        self.cache[key] = out
-        return out
+        key = (fold, "voted" + _key([steps, k, mode]))
+        if key not in self.cache:
+            f = self.folds[fold]
+            q, g, is_new = self.splits[fold]
+            sims, idx = self.ranked(fold, steps)
+            labels, scores = vote_labels(idx, sims, f.labels[g], k=min(k, idx.shape[1]), mode=mode, top=5)
+            truth = f.labels[q]
+            curve = map5_by_threshold(labels, scores, truth, is_new, np.asarray(VOTE_GRID["threshold"]))
+            # GAP: the best label and its confidence; a query of a new class has nothing to find
+            first = [row[0] for row in labels]
+            gap = global_average_precision(first, scores[:, 0], np.where(is_new, None, truth).tolist())
+            self.cache[key] = {"curve": curve, "gap": gap}
+        return self.cache[key]
+
+    def recognition(self, fold: int, steps: list[dict], vote: dict[str, Any]) -> dict[str, float]:
+        """MAP@5 (new label included) and GAP (best known label) of the label vote."""
+        voted = self.voted(fold, steps, vote["k"], vote["mode"])
+        at = VOTE_GRID["threshold"].index(vote["threshold"])
+        return {"map@5": float(voted["curve"][at]), "gap": voted["gap"]}
 
     def metrics(self, fold: int, steps: list[dict], vote: dict[str, Any] | None) -> dict[str, float]:
         out = dict(self.retrieval(fold, steps))
@@ -268,12 +283,17 @@ class _Search:
         return float(np.mean([self.ev.metrics(k, steps, vote)[self.metric] for k in folds])), vote
 
     def best_vote(self, folds: Sequence[int], steps: list[dict]) -> dict[str, Any]:
-        metric = self.metric if self.metric in ("map@5", "gap") else "map@5"
+        """The vote setting (k, mode, threshold) that maximises MAP@5 (or GAP) over ``folds`` for these steps."""
         best, best_vote = -np.inf, None
-        for vote in _vote_settings():
-            value = float(np.mean([self.ev.recognition(k, steps, vote)[metric] for k in folds]))
-            if value > best + 1e-12:
-                best, best_vote = value, vote
+        for k, mode in itertools.product(VOTE_GRID["k"], VOTE_GRID["mode"]):
+            voted = [self.ev.voted(fold, steps, k, mode) for fold in folds]
+            if self.metric == "gap":  # GAP ignores the threshold: keep the grid's first
+                values = np.full(len(VOTE_GRID["threshold"]), np.mean([v["gap"] for v in voted]))
+            else:
+                values = np.mean([v["curve"] for v in voted], axis=0)  # (T,) MAP@5 per threshold
+            at = int(np.argmax(values))  # first maximum: the lowest threshold among equals
+            if values[at] > best + 1e-12:
+                best, best_vote = float(values[at]), {"k": k, "mode": mode, "threshold": VOTE_GRID["threshold"][at]}
         return best_vote
 
     def single(self, name: str, folds: Sequence[int]) -> dict[str, Any]:
