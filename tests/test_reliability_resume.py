@@ -19,8 +19,10 @@ import pytest
 import torch
 
 import arcfold.io
+import arcfold.train
 from arcfold.config import load_config
 from arcfold.io import KILL_AT_ENV, load_json, load_npz, load_torch
+from arcfold.metrics import retrieval_metrics
 from arcfold.train import FoldPaths, train_fold
 
 from .conftest import mini_overrides, write_mini_dataset
@@ -29,18 +31,21 @@ METRICS = ["recall@1", "recall@2", "recall@4", "recall@5", "recall@8", "recall@1
 TIMING = ["train_images_per_s", "train_seconds", "val_seconds"]  # the only columns allowed to differ
 
 
-def _child(overrides: list[str], kill_at: str | None) -> None:
+def _child(overrides: list[str], kill_at: str | None, no_improvement: bool) -> None:
     os.environ.pop(KILL_AT_ENV, None)
     if kill_at:
         os.environ[KILL_AT_ENV] = kill_at
     arcfold.io._fault_counts.clear()
     torch.set_num_threads(1)  # the same arithmetic in every child, whatever the parent used
+    if no_improvement:  # what a non-deterministic device may do: the epoch trained again scores lower
+        real = arcfold.train.retrieval_metrics
+        arcfold.train.retrieval_metrics = lambda *a, **k: {**real(*a, **k), "recall@1": 0.0}
     train_fold(load_config(None, overrides), 0)
 
 
-def run_fold(overrides: list[str], kill_at: str | None = None) -> int:
+def run_fold(overrides: list[str], kill_at: str | None = None, no_improvement: bool = False) -> int:
     """Train fold 0 in a forked child; its exit code (-9 when it was SIGKILLed)."""
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(overrides, kill_at))
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(overrides, kill_at, no_improvement))
     proc.start()
     proc.join(timeout=300)
     if proc.exitcode is None:
@@ -145,3 +150,24 @@ def test_resume_with_another_config_is_refused(mini_root):
     cfg = load_config(None, [*overrides, "train.resume=true", "optim.lr=0.01", "train.progress=true"])
     with pytest.raises(arcfold.io.ArtifactExistsError, match=r"another config \(optim.lr: 0.001 -> 0.01\)"):
         train_fold(cfg, 0)  # train.progress may differ: it changes nothing that is computed
+
+
+def test_best_files_of_an_epoch_cut_short_are_never_taken_for_the_best(mini_root, reference):
+    """Killed after an improved epoch wrote its best files but before its resume point: if that epoch, trained
+    again, scores lower (a GPU need not repeat itself), the fold's outputs are the best *finished* epoch's."""
+    ref, ref_state = reference
+    assert ref_state["best"]["epoch"] == 2, "this test needs the last epoch to improve (it does on the mini set)"
+    overrides = [*mini_overrides(mini_root / "cut"), f"data.input_dir={mini_root / 'input'}"]
+    cfg = load_config(None, overrides)
+    paths = FoldPaths(cfg, 0)
+    assert run_fold(overrides, kill_at="write:history.csv#3") == -signal.SIGKILL  # epoch 2: best files written
+    assert _epoch_done(paths) == 1 and paths.best(2).exists()
+    assert run_fold([*overrides, "train.resume=true"], no_improvement=True) == 0
+    recall = [row["recall@1"] for row in ref_state["history"][:2]]
+    best_finished = recall.index(max(recall))  # the best of epochs 0 and 1 (ties: the first)
+    scores, oof = load_json(paths.scores), load_npz(paths.oof)
+    assert scores["best_epoch"] == load_torch(paths.weights)["epoch"] == best_finished
+    # the stored scores are the scores of the stored embeddings: both of that epoch, not of the cut-short one
+    recomputed = retrieval_metrics(oof["embeddings"], oof["labels"])
+    assert {k: scores[k] for k in METRICS} == {k: recomputed[k] for k in METRICS}
+    assert not list(paths.work.glob("best_*"))
