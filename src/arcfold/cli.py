@@ -30,14 +30,15 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     """Run a stage's ``main``; user errors (bad config, bad data, refused overwrite) exit 2 with one clear line."""
     from arcfold.blend import BlendError
     from arcfold.data.table import DataValidationError
-    from arcfold.io import ArtifactExistsError
+    from arcfold.io import ArtifactExistsError, CorruptFileError
     from arcfold.rerank import RerankError
     from arcfold.submission import SubmissionError
 
-    user_errors = (ConfigError, DataValidationError, ArtifactExistsError, FileNotFoundError, BlendError, RerankError)
+    user_errors = (ConfigError, DataValidationError, ArtifactExistsError, FileNotFoundError, CorruptFileError)
     try:
         main(argv)
-    except (*user_errors, SubmissionError) as e:
+    # FloatingPointError: arcfold.train.NonFiniteLossError (a diverged run), without importing train here
+    except (*user_errors, BlendError, RerankError, SubmissionError, FloatingPointError) as e:
         logging.getLogger("arcfold").error("%s", e)
         return 2
     return 0

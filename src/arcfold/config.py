@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "load_config",
+    "load_structured",
 ]
 
 
@@ -271,14 +273,11 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path
     return [*chain, (path, mapping)]
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Defaults <- YAML chain (``base:``) <- ``key=value`` overrides, validated.
-
-    >>> cfg = load_config(None, ["train.epochs=3", "model.pool=avg"])
-    >>> cfg.train.epochs, cfg.model.pool
-    (3, 'avg')
-    """
-    schema = OmegaConf.structured(ExperimentConfig)
+def load_structured(schema_cls: type, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Any:
+    """An instance of the dataclass ``schema_cls``: its defaults <- YAML chain (``base:``) <- ``key=value``
+    overrides. Unknown keys and wrong types raise :class:`ConfigError` naming the key and the file; the
+    caller checks the values (:func:`load_config` for experiments, :mod:`arcfold.infer` for inference)."""
+    schema = OmegaConf.structured(schema_cls)
     cfg = schema
     if path is not None:
         for file, mapping in _load_yaml_chain(Path(path)):
@@ -290,8 +289,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         dotlist = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line overrides: {e}") from None
-    cfg = _merge(cfg, dotlist, "command-line override", schema)
-    obj: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    return OmegaConf.to_object(_merge(cfg, dotlist, "command-line override", schema))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Defaults <- YAML chain (``base:``) <- ``key=value`` overrides, validated.
+
+    >>> cfg = load_config(None, ["train.epochs=3", "model.pool=avg"])
+    >>> cfg.train.epochs, cfg.model.pool
+    (3, 'avg')
+    """
+    obj: ExperimentConfig = load_structured(ExperimentConfig, path, overrides)
     if not obj.name:
         obj.name = Path(path).stem if path is not None else "default"
     # YAML reads a bare `off` as the boolean false, which the str field then holds as "False"

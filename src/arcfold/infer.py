@@ -50,11 +50,10 @@ import cv2
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from arcfold.config import ConfigError
+from arcfold.config import ConfigError, load_structured
 from arcfold.data.dataset import read_image
 from arcfold.data.table import DataValidationError, read_csv
 from arcfold.data.transforms import build_eval_transform
@@ -143,21 +142,9 @@ class InferenceConfig:
 
 def load_inference_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> InferenceConfig:
     """Defaults <- YAML chain (``base:``) <- ``key=value`` overrides, validated, as for training configs."""
-    from arcfold.config import _load_yaml_chain, _merge
-
-    schema = OmegaConf.structured(InferenceConfig)
-    cfg = schema
-    if path is not None:
-        for file, mapping in _load_yaml_chain(Path(path)):
-            cfg = _merge(cfg, mapping, str(file), schema)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
-    try:
-        dotlist = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"command-line overrides: {e}") from None
-    obj: InferenceConfig = OmegaConf.to_object(_merge(cfg, dotlist, "command-line override", schema))  # type: ignore
+    obj: InferenceConfig = load_structured(InferenceConfig, path, overrides)
+    if obj.amp in ("False", "false"):  # YAML reads a bare `off` as the boolean false
+        obj.amp = "off"
     _validate(obj)
     return obj
 
