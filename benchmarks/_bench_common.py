@@ -1,0 +1,119 @@
+"""Shared helpers for the ``bench_*.py`` scripts: machine description, fresh-subprocess measurements, outputs.
+
+Peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh Python process per measurement (tracemalloc
+does not see torch/faiss allocations). Each worker reports the peak *after* building its inputs (``base_mib``) and
+at the end (``peak_mib``); ``extra_mib = peak_mib - base_mib`` is what the measured call itself added.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path("benchmarks/results")
+BENCHMARKS_MD = Path("BENCHMARKS.md")
+NO_GPU = "no GPU on this machine (torch.cuda.is_available() is False): CUDA rows skipped"
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict[str, Any]:
+    import faiss
+    import torch
+
+    cpu = "unknown"
+    try:
+        m = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    try:
+        import pytorch_metric_learning as pml
+
+        pml_version = pml.__version__
+    except ImportError:
+        pml_version = None
+    return {
+        "cpu": cpu,
+        "cores": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "pytorch_metric_learning": pml_version,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def cuda_available(what: str) -> bool:
+    """Whether CUDA rows can run; prints why they are skipped when they cannot."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    print(f"[{what}] skipping CUDA rows: {NO_GPU}", flush=True)
+    return False
+
+
+def run_worker(script: str, args: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``python <script> --worker '<json args>'`` in a fresh process; return the JSON it prints last."""
+    cmd = [sys.executable, script, "--worker", json.dumps(args)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", **args}
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}", **args}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (
+        f"{m['cpu']}, {m['cores']} threads; Python {m['python']}, torch {m['torch']}, faiss {m['faiss']}, "
+        f"numpy {m['numpy']}, pytorch-metric-learning {m['pytorch_metric_learning']}; CUDA: {m['cuda']}"
+    )
+
+
+def write_results(name: str, payload: dict[str, Any], section_md: str) -> None:
+    """Write ``benchmarks/results/<name>.json`` and replace (or append) this benchmark's section of BENCHMARKS.md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{section_md.strip()}\n{end}"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    BENCHMARKS_MD.write_text(text)
+
+
+def clustered_embeddings(n: int, d: int, seed: int = 0, noise: float = 1.6) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` L2-normalised float32 (n, d) embeddings in classes of 1..15 members around random unit centres.
+
+    Class sizes are uniform on 1..15, so about 1/15 of the classes are singletons (distractors, not queries).
+    ``noise`` is the expected norm of the Gaussian noise added to each unit centre: at 1.6 the classes overlap
+    enough that the metrics are far from 1.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 16, size=n)  # more classes than needed; cut at n items
+    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), n)) + 1]
+    labels = np.repeat(np.arange(len(sizes)), sizes)[:n]  # (n,)
+    centres = rng.standard_normal((len(sizes), d), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[labels]  # (n, d)
+    x += rng.standard_normal((n, d), dtype=np.float32) * np.float32(noise / np.sqrt(d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    perm = rng.permutation(n)
+    return np.ascontiguousarray(x[perm]), labels[perm].astype(np.int64)
