@@ -1,0 +1,152 @@
+"""Re-ranking post-processors: time and peak memory of α-QE, DBA, k-reciprocal and label voting.
+
+Queries and gallery: ``N`` each, L2-normalised clustered float32 vectors at D=128 drawn around the same class
+centres (``_bench_common.clustered_embeddings``). First stage: ``arcfold.search.search(q, g, K=50)`` (faiss exact),
+computed before the measurement starts. Each post-processor runs at its defaults with the default (exact faiss)
+search:
+
+* ``qe``: ``query_expansion(q, g)`` (k=2, α=3; includes its own search of the gallery).
+* ``dba``: ``database_augmentation(g)`` (k=2, α=3; includes the gallery-vs-gallery search).
+* ``kr``: ``k_reciprocal(q, g, sims, idx)`` (k1=20, k2=6, λ=0.3, ``original_scale="row_max"``; includes the
+  ``(Q+N)``-item k-NN graph search and the row-max search).
+* ``vote``: ``vote_labels(idx, sims, gallery_labels)`` (mode="max", top=5).
+
+Every measurement is a fresh subprocess; peak = ``ru_maxrss``, ``extra`` = peak minus the peak after the inputs and
+the first stage were built. k-reciprocal is also measured at intermediate sizes to show that its memory grows
+linearly with |U|·(k1+1) (|U| = Q + N), never as |U|^2. Run from the project root::
+
+    python benchmarks/bench_rerank.py [--sizes 10000,100000] [--kr-sizes 10000,30000,100000]
+
+Writes ``benchmarks/results/bench_rerank.json`` and its section of ``BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_common import (  # noqa: E402
+    NO_GPU,
+    clustered_embeddings,
+    cuda_available,
+    machine,
+    machine_line,
+    peak_rss_mib,
+    run_worker,
+    write_results,
+)
+
+NAME = "bench_rerank"
+D = 128
+K_FIRST = 50
+K1 = 20
+STEPS = ("qe", "dba", "kr", "vote")
+
+
+def worker(args: dict) -> dict:
+    from arcfold.postprocess import database_augmentation, k_reciprocal, query_expansion, vote_labels
+    from arcfold.search import search
+
+    n, step = args["n"], args["step"]
+    kw = {"backend": args["backend"]}
+    x, labels = clustered_embeddings(2 * n, D, seed=2)
+    q, g, g_labels = x[:n], x[n:], labels[n:]
+    sims, idx = search(q, g, K_FIRST, **kw)  # (Q, K) each
+    base = peak_rss_mib()
+    t0 = time.perf_counter()
+    if step == "qe":
+        query_expansion(q, g, **kw)
+    elif step == "dba":
+        database_augmentation(g, **kw)
+    elif step == "kr":
+        k_reciprocal(q, g, sims, idx, **kw)
+    else:
+        vote_labels(idx, sims, g_labels)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_mib()
+    return {**args, "seconds": seconds, "base_mib": base, "peak_mib": peak, "extra_mib": peak - base}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10000,100000", help="N queries = N gallery items, every post-processor")
+    p.add_argument("--kr-sizes", default="10000,30000,100000", help="sizes for the k-reciprocal memory scan")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "faiss", "torch"),
+        help="search backend inside every post-processor (exact either way)",
+    )
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return
+
+    cuda_available(NAME)
+    sizes = [int(s) for s in a.sizes.split(",")]
+    kr_sizes = [int(s) for s in a.kr_sizes.split(",")]
+    jobs = [(n, s) for n in sizes for s in STEPS] + [(n, "kr") for n in kr_sizes if n not in sizes]
+    jobs.sort(key=lambda j: j[0])
+    rows = []
+    for n, step in jobs:
+        res = run_worker(__file__, {"n": n, "step": step, "backend": a.backend}, timeout=a.timeout)
+        print(json.dumps(res), flush=True)
+        rows.append(res)
+    kr = [r for r in rows if r["step"] == "kr" and "error" not in r]
+    for r in kr:
+        r["union_items"] = 2 * r["n"]
+        r["extra_bytes_per_union_item_k1"] = r["extra_mib"] * 2**20 / (r["union_items"] * (K1 + 1))
+        r["dense_union_matrix_mib"] = (r["union_items"] ** 2) * 4 / 2**20
+    m = machine()
+    write_results(NAME, {"machine": m, "rows": rows}, markdown(rows, sizes, m, a))
+
+
+def markdown(rows: list[dict], sizes: list[int], m: dict, a: argparse.Namespace) -> str:
+    by = {(r["n"], r["step"]): r for r in rows}
+    lines = [
+        "## Re-ranking post-processors: time and peak memory",
+        "",
+        f"Command: `python benchmarks/bench_rerank.py --sizes {a.sizes} --kr-sizes {a.kr_sizes} "
+        f"--backend {a.backend}`  ",
+        f"Machine: {machine_line(m)}  ",
+        f"GPU: {NO_GPU}.",
+        "",
+        f"N queries and N gallery items (clustered unit vectors, D={D}); first stage `search(q, g, {K_FIRST})` built",
+        "before the clock starts. Defaults: qe/dba k=2 α=3, kr k1=20 k2=6 λ=0.3 row_max, vote max/top 5; exact",
+        f"search inside (backend={a.backend}). One fresh subprocess per cell; extra = peak RSS minus the peak after",
+        "inputs + first stage.",
+        "Shared noisy 2-core VM: absolute seconds drift 10-20%.",
+        "",
+        "| N | " + " | ".join(f"{s} s | {s} extra MiB" for s in STEPS) + " |",
+        "|---|" + "---|---|" * len(STEPS),
+    ]
+    for n in sizes:
+        cells = []
+        for s in STEPS:
+            r = by.get((n, s), {"error": "not run"})
+            cells += [r["error"][:40], ""] if "error" in r else [f"{r['seconds']:.2f}", f"{r['extra_mib']:.0f}"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "k-reciprocal memory against |U| = Q + N (dense |U|x|U| float32 shown for scale; never allocated):",
+        "",
+        "| N | \\|U\\| | seconds | extra MiB | bytes per \\|U\\|·(k1+1) | dense \\|U\\|² float32 MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in rows if r["step"] == "kr" and "error" not in r), key=lambda r: r["n"]):
+        lines.append(
+            f"| {r['n']} | {r['union_items']} | {r['seconds']:.1f} | {r['extra_mib']:.0f} | "
+            f"{r['extra_bytes_per_union_item_k1']:.0f} | {r['dense_union_matrix_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
