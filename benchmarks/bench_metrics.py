@@ -48,6 +48,7 @@ from _bench_common import (  # noqa: E402
 
 NAME = "bench_metrics"
 TOL = 1e-6
+FIRST_RUN_SIZES = "100000x512,50000x128"
 
 
 def noise_for(d: int) -> float:
@@ -123,7 +124,9 @@ def main() -> None:
         old = json.loads(previous.read_text())
         done = {(r["n"], r["d"]) for r in rows}
         rows = [r for r in old["sizes"] if (r["n"], r["d"]) not in done] + rows
-        commands = [*(c for c in old.get("commands", []) if c not in commands), *commands]
+        # results written before --impls existed carry no "commands": that run used both implementations
+        earlier = old.get("commands", [f"python benchmarks/bench_metrics.py --sizes {FIRST_RUN_SIZES} --rounds 1"])
+        commands = [*(c for c in earlier if c not in commands), *commands]
     write_results(NAME, {"machine": m, "commands": commands, "sizes": rows}, markdown(rows, m, commands))
 
 
