@@ -304,3 +304,14 @@ def test_kaggle_notebook_runs_headless(trained, glyphs_input, tmp_path) -> None:
     assert list(submission.columns) == ["image", "predictions"] and submission["image"].tolist() == truth["id"].tolist()
     printed = "".join(o.get("text", "") for o in notebook.cells[-1]["outputs"] if o["output_type"] == "stream")
     assert f"{len(truth)} rows" in printed
+
+
+def test_an_undecodable_image_is_named(trained, glyphs_input, tmp_path) -> None:
+    from arcfold.data.table import DataValidationError
+
+    (tmp_path / "bad.png").write_text("not an image")
+    table = tmp_path / "q.csv"
+    table.write_text("id,image\nq0,bad.png\n")
+    cfg, _ = _cfg(trained, glyphs_input, f"query.csv={table}", "query.image_root=null", "folds=[0]")
+    with pytest.raises(DataValidationError, match=r"row 0 \(line 2\): cannot decode image .*bad\.png \(corrupt"):
+        run_inference(cfg)

@@ -281,7 +281,10 @@ def load_ensemble(cfg: InferenceConfig, device: torch.device) -> Ensemble:
 
         blend_path = Path(cfg.blend)
         spec = load_blend_spec(blend_path)
-        experiments, weights, name = list(spec["experiments"]), [float(w) for w in spec["weights"]], spec["name"]
+        members = [(e, float(w)) for e, w in zip(spec["experiments"], spec["weights"], strict=True) if float(w) > 0]
+        experiments, weights, name = [e for e, _ in members], [w for _, w in members], spec["name"]
+        if len(members) < len(spec["experiments"]):
+            log.info("blend %s: members of weight 0 are not loaded", name)
     else:
         blend_path, experiments, weights, name = None, [cfg.experiment], [1.0], cfg.experiment
     models = []
@@ -308,7 +311,13 @@ class _MultiSizeDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[int, torch.Tensor]:
-        image = read_image(self.paths[index])  # (H, W, 3) uint8 RGB
+        try:
+            image = read_image(self.paths[index])  # (H, W, 3) uint8 RGB
+        except OSError:  # it exists (checked when the table was read) but OpenCV cannot decode it
+            path = self.paths[index]
+            raise DataValidationError(
+                f"row {index} (line {index + 2}): cannot decode image {path} (corrupt or not an image)"
+            ) from None
         views = {}
         for size, transform in self.transforms.items():
             resized = image
