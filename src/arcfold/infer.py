@@ -327,14 +327,6 @@ class _MultiSizeDataset(Dataset):
         return views
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("amp=fp16 needs CUDA; use bf16 or off on CPU")
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-
-
 def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -427,15 +419,6 @@ class _Timer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available; use device=cpu or auto")
-    return device
-
-
 def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
     """Run the whole inference; returns a summary (paths, counts, timings, the post-processing used)."""
     from arcfold.postprocess import rerank_pipeline, vote_labels
@@ -443,8 +426,10 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
     from arcfold.submission import submission_frame, validate_submission, write_submission
 
     timer = _Timer()
-    device = _resolve_device(cfg.device)
-    amp_dtype = _amp_dtype(cfg.amp, device)
+    from arcfold.train import amp_dtype_for, resolve_device
+
+    device = resolve_device(cfg.device, key="device")
+    amp_dtype = amp_dtype_for(cfg.amp, device, key="amp")
     with timer("load"):
         query = read_image_table(cfg.query, "query")
         gallery = read_image_table(cfg.gallery, "gallery")

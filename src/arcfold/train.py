@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from arcfold.config import ExperimentConfig, config_to_dict, config_to_yaml
+from arcfold.config import ConfigError, ExperimentConfig, config_to_dict, config_to_yaml
 from arcfold.data.dataset import ImageDataset
 from arcfold.data.samplers import build_sampler
 from arcfold.data.table import (
@@ -175,21 +175,22 @@ class FoldPaths:
 # small pieces
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; asking for CUDA without it is a :class:`ConfigError` naming ``key``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+        raise ConfigError(f"{key}={name} but CUDA is not available; use {key}=cpu or auto")
     return device
 
 
-def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype_for(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
     """None means full fp32. fp16 needs a GradScaler; bf16 (same exponent range as fp32) does not."""
     if amp == "auto":
         return torch.float16 if device.type == "cuda" else None
     if amp == "fp16" and device.type == "cpu":
-        raise ValueError("train.amp=fp16 is not supported on CPU; use bf16 or off")
+        raise ConfigError(f"{key}=fp16 is not supported on CPU; use bf16 or off")
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
 
 
