@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from arcfold.data.table import read_csv
 from arcfold.io import load_npz, save_json, save_text
 from arcfold.submission import (
     DEFAULT_HEADERS,
@@ -85,8 +86,7 @@ def make_holdout(
 def score_holdout(submission: str | Path, holdout: str | Path, fmt: str) -> dict[str, float]:
     holdout = Path(holdout)
     info = json.loads((holdout / "holdout.json").read_text(encoding="utf-8"))
-    truth = pd.read_csv(holdout / "truth.csv", dtype=str, keep_default_na=False)
-    gallery = pd.read_csv(holdout / "gallery.csv", dtype=str, keep_default_na=False)
+    truth, gallery = read_csv(holdout / "truth.csv"), read_csv(holdout / "gallery.csv")
     frame = read_submission(submission)
     validate_submission(
         frame,

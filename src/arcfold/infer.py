@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from arcfold.config import ConfigError, load_structured
 from arcfold.data.dataset import read_image
-from arcfold.data.table import DataValidationError, read_csv
+from arcfold.data.table import DataValidationError, _raise_problems, _where, read_csv
 from arcfold.data.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -206,21 +206,20 @@ def read_image_table(table: TableConfig, role: str) -> ImageTable:
         raise DataValidationError(f"{csv} ({role}): no data rows")
     problems = []
     for col in wanted:
-        for i in np.flatnonzero((df[col].str.strip() == "").to_numpy()):
-            problems.append(f"row {i} (line {i + 2}), column '{col}': empty value")
-    for i in np.flatnonzero(df[table.id_column].duplicated().to_numpy()):
-        problems.append(
-            f"row {i} (line {i + 2}), column '{table.id_column}': duplicate id {df[table.id_column].iat[i]!r}"
-        )
+        problems += [
+            f"{_where(i)}, column '{col}': empty value" for i in np.flatnonzero((df[col].str.strip() == "").to_numpy())
+        ]
+    ids = df[table.id_column]
+    for i in np.flatnonzero(ids.duplicated().to_numpy()):
+        problems.append(f"{_where(i)}, column '{table.id_column}': duplicate id {ids.iat[i]!r}")
     root = Path(table.image_root) if table.image_root else csv.parent
     paths = [str(root / p) for p in df[table.image_column]]
-    absent = [i for i, p in enumerate(paths) if not Path(p).is_file()]
-    for i in absent[:10]:
-        problems.append(f"row {i} (line {i + 2}), column '{table.image_column}': image not found: {paths[i]}")
-    if len(absent) > 10:
-        problems.append(f"... {len(absent)} images not found in all")
-    if problems:
-        raise DataValidationError(f"{csv} ({role}):\n  " + "\n  ".join(problems))
+    problems += [
+        f"{_where(i)}, column '{table.image_column}': image not found: {p}"
+        for i, p in enumerate(paths)
+        if not Path(p).is_file()
+    ]
+    _raise_problems(f"{csv} ({role})", problems)
     labels = df[table.label_column].tolist() if table.label_column else None
     return ImageTable(df[table.id_column].tolist(), paths, labels)
 
