@@ -15,10 +15,15 @@
 # `train.resume=true` continues an interrupted fold from its last finished epoch (finished folds
 # are skipped). Several train_fold.sh may run at once on different folds (one per GPU): file locks
 # make them share the data set, the fold file and the scores; the same fold twice is refused.
+#
+# Several GPUs / nodes (DistributedDataParallel through torchrun; train.batch_size is the GLOBAL batch):
+#   NPROC_PER_NODE=2 bash train_fold.sh 0
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 MASTER_PORT=29500 NPROC_PER_NODE=8 bash train_fold.sh 0..4
+#   (the same on host1 with NODE_RANK=1). Scoring runs once, on one process, after the folds.
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
   exit $(( $# < 1 ? 2 : 0 ))
 fi
 spec=$1; shift
@@ -38,7 +43,22 @@ for part in "${parts[@]}"; do
   fi
 done
 
+# torchrun when NPROC_PER_NODE or NNODES asks for it; one plain process otherwise
+launch=("$PY")
+if [[ -n ${NPROC_PER_NODE:-} || -n ${NNODES:-} ]]; then
+  launch=("$PY" -m torch.distributed.run --nproc_per_node "${NPROC_PER_NODE:-1}")
+  if [[ ${NNODES:-1} -gt 1 ]]; then
+    : "${MASTER_ADDR:?set MASTER_ADDR (the host of NODE_RANK=0) for NNODES>1}"
+    launch+=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK (0..NNODES-1) for NNODES>1}"
+             --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+  elif [[ -n ${MASTER_PORT:-} ]]; then
+    launch+=(--nnodes 1 --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT")
+  else
+    launch+=(--standalone)  # one node: a free port of its own
+  fi
+fi
+
 for fold in "${folds[@]}"; do
-  "$PY" -m arcfold train --config "$config" --fold "$fold" "$@"
+  "${launch[@]}" -m arcfold train --config "$config" --fold "$fold" "$@"
 done
 "$PY" -m arcfold score --config "$config" "$@"

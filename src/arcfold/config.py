@@ -111,6 +111,9 @@ class HeadConfig:
     scale: float = 30.0  # s: logit scale; typical 16-64 (norm_softmax: 1/temperature)
     margin: float = 0.3  # m: radians for arcface (typical 0.2-0.5), cosine units for cosface (0.1-0.4)
     subcenters: int = 3  # subcenter_arcface: k sub-centres per class
+    # several processes (torchrun): class centres sharded over the ranks, softmax across ranks (Partial FC;
+    # arcface/cosface, no dynamic margins, class weights, focal loss); for 100k+ classes. One process: no effect
+    sharded: bool = False
     # per-class margins from the class size n (margin heads): none | power (m = a n^-lambda + b) |
     # minmax (n^-1/4 min-max scaled to [margin_min, margin_max], GLR 2020 1st place)
     dynamic_margin: str = "none"
@@ -172,6 +175,10 @@ class TrainConfig:
     resume: bool = False  # continue an interrupted fold from its last checkpoint
     force: bool = False  # overwrite a finished fold's OOF and weights
     progress: bool = True  # tqdm bars
+    # several processes (torchrun): batch_size is the GLOBAL batch of an optimizer step (before accumulation),
+    # split evenly over the ranks. sync_bn: SyncBatchNorm, batch statistics over the global batch (CUDA only)
+    sync_bn: bool = False
+    dist_timeout_s: float = 1800.0  # a rank waiting longer than this for the others (dead or hung) fails
 
 
 @dataclass
@@ -361,6 +368,25 @@ def validate_config(cfg: ExperimentConfig) -> None:
             f"train.batch_size={cfg.train.batch_size} must be a multiple of sampler.m_per_class={m} "
             "holding at least 2 classes"
         )
+    if cfg.head.sharded:
+        unsupported = [
+            f"head.{key}={value}"
+            for key, value, default in [
+                ("dynamic_margin", cfg.head.dynamic_margin, "none"),
+                ("class_weights", cfg.head.class_weights, "none"),
+                ("loss", cfg.head.loss, "ce"),
+            ]
+            if value != default
+        ]
+        if cfg.head.name not in ("arcface", "cosface"):
+            unsupported.insert(0, f"head.name={cfg.head.name}")
+        if unsupported:
+            problems.append(
+                "head.sharded=true supports head.name=arcface or cosface with a fixed margin, cross-entropy and no "
+                f"class weights; not {', '.join(unsupported)}"
+            )
+    if cfg.train.dist_timeout_s <= 0:
+        problems.append(f"train.dist_timeout_s must be positive (got {cfg.train.dist_timeout_s})")
     if cfg.head.margin >= 3.1416:
         problems.append(f"head.margin is in radians and must be < pi (got {cfg.head.margin}); 0.5 rad = 28.6 degrees")
     if problems:

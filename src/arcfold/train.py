@@ -29,14 +29,28 @@ Safety: one process per fold (``models/<exp>/.fold<K>.lock``; a second one is re
 non-finite losses, and steps GradScaler skips for inf/NaN gradients, are skipped and counted, and
 ``train.max_nonfinite_steps`` of them in a row stop the run with the last good checkpoint kept.
 
+Several processes (DistributedDataParallel)
+-------------------------------------------
+Under ``torchrun`` (``NPROC_PER_NODE=2 bash train_fold.sh 0``; docs/distributed.md) every process trains the fold
+on its slice of each global batch (``train.batch_size`` is the global batch; :class:`ShardedBatchSampler`). DDP
+wraps one module holding the embedding model *and* the head or loss (:class:`DistributedTrainStep`), so the head's
+gradients are all-reduced like the backbone's and its weights stay identical on every rank; a sharded head
+(``head.sharded``, Partial FC) stays outside DDP, each rank holding its own rows. Pair/proxy losses see the global
+batch through pytorch-metric-learning's ``DistributedLossWrapper``. Accumulation steps run under ``no_sync()``.
+Validation embeddings are computed on row shards and gathered back in the fold-file order. Only rank 0 takes the
+fold lock, prepares the data and folds, and writes files and logs; every rank reads the same ``last.pt`` to
+resume. The non-finite checks are all-reduced, so every rank skips the same steps.
+
 CLI::
 
     python -m arcfold train --config configs/glyphs_arcface.yaml --fold 0 [key=value ...]
+    torchrun --standalone --nproc_per_node 2 -m arcfold train --config ... --fold 0 [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import shutil
@@ -50,12 +64,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from arcfold.config import ConfigError, ExperimentConfig, config_to_dict, config_to_yaml
 from arcfold.data.dataset import ImageDataset
-from arcfold.data.samplers import build_sampler
+from arcfold.data.samplers import ShardedBatchSampler, build_sampler, global_batches
 from arcfold.data.table import (
     FOLD,
     GROUP,
@@ -68,6 +83,15 @@ from arcfold.data.table import (
     resolve_image_paths,
 )
 from arcfold.data.transforms import build_eval_transform, build_train_transform
+from arcfold.distributed import (
+    DistContext,
+    dist_context,
+    gather_rows,
+    on_rank0,
+    process_group,
+    reduce_mean,
+    shard_range,
+)
 from arcfold.embed import extract_embeddings
 from arcfold.folds import ensure_folds, file_sha256, load_folds
 from arcfold.io import (
@@ -93,7 +117,7 @@ from arcfold.prepare import ensure_dataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FoldPaths", "NonFiniteGuard", "NonFiniteLossError", "train_fold"]
+__all__ = ["DistributedTrainStep", "FoldPaths", "NonFiniteGuard", "NonFiniteLossError", "train_fold"]
 
 TRAIN_STATE_FORMAT = "arcfold.train_state/1"
 # config keys that may differ between a run and its resumption: they do not change what is computed
@@ -103,6 +127,7 @@ RESUME_MAY_DIFFER = (
     "train.progress",
     "train.device",
     "train.max_nonfinite_steps",
+    "train.dist_timeout_s",
     "data.input_dir",
     "data.num_workers",
     "data.check_images",
@@ -182,6 +207,20 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}={name} but CUDA is not available; use {key}=cpu or auto")
+    return device
+
+
+def training_device(name: str, ctx: DistContext) -> torch.device:
+    """:func:`resolve_device`; under torchrun CUDA means ``cuda:LOCAL_RANK`` (one GPU per process), made current."""
+    device = resolve_device(name)
+    if ctx.enabled and device.type == "cuda":
+        if name not in ("auto", "cuda"):
+            raise ConfigError(
+                f"train.device={name}: under torchrun every process uses the GPU of its LOCAL_RANK; "
+                "use train.device=cuda or auto (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
+            )
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -279,6 +318,81 @@ def _detach_file_log(handler: logging.Handler) -> None:
     handler.close()
 
 
+class DistributedTrainStep(nn.Module):
+    """What DistributedDataParallel wraps: the embedding model and (unless it is sharded) the head or loss.
+
+    ``forward(images, labels)`` returns the loss, or the embeddings when ``head`` is None (a sharded head is
+    applied outside DDP: its weights differ per rank by design). Keeping the head inside is what makes DDP
+    all-reduce the head's gradients: a head outside DDP would drift apart on every rank.
+
+    ``embedding_grad_factor`` multiplies the gradient reaching the embeddings. Pair/proxy losses compute the
+    global-batch loss L on every rank (``DistributedLossWrapper``), whose gradient reaches only the rank's own
+    embeddings; with a factor of world_size, DDP's average over the ranks gives the backbone the gradient of L,
+    while the proxies (identical gradient on every rank) keep theirs.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module | None, embedding_grad_factor: float = 1.0) -> None:
+        super().__init__()
+        self.model, self.head, self.embedding_grad_factor = model, head, embedding_grad_factor
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        embeddings = self.model(images)  # (B, D)
+        if self.embedding_grad_factor != 1.0 and embeddings.requires_grad:
+            factor = self.embedding_grad_factor
+            embeddings.register_hook(lambda grad: grad * factor)
+        return embeddings if self.head is None else self.head(embeddings, labels)
+
+
+class _GlobalPairLoss(nn.Module):
+    """A :class:`arcfold.models.losses.PairLossHead` on the global batch: PML's ``DistributedLossWrapper`` and
+    ``DistributedMinerWrapper`` all-gather the embeddings and labels of every rank. Returns L, the loss of the
+    global batch (the wrapper returns world_size * L), the same on every rank. The head object itself is kept
+    unchanged, so its state dict (saved in ``last.pt``) has the same keys as in one process."""
+
+    def __init__(self, head: nn.Module, world_size: int) -> None:
+        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
+
+        super().__init__()
+        self.world_size = world_size
+        self.margin_factor = 1.0  # interface parity; pair losses ignore it
+        self.loss = DistributedLossWrapper(head.loss)
+        self.miner = DistributedMinerWrapper(head.miner) if head.miner is not None else None
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            embeddings = embeddings.float()  # (B, D)
+            indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
+            return self.loss(embeddings, labels, indices_tuple) / self.world_size
+
+
+def build_sharded_head(cfg: ExperimentConfig, n_classes: int, ctx: DistContext) -> nn.Module:
+    """The class-sharded margin head (``head.sharded``): this rank's rows of the class centres."""
+    from arcfold.models.partial_fc import SHARDED_KINDS, ShardedMarginHead
+
+    if cfg.head.name not in SHARDED_KINDS:
+        raise ConfigError(f"head.sharded=true supports head.name={' or '.join(SHARDED_KINDS)}, not {cfg.head.name}")
+    return ShardedMarginHead(
+        cfg.head.name,
+        cfg.model.embedding_size,
+        n_classes,
+        scale=cfg.head.scale,
+        margin=cfg.head.margin,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors of a nested dict/list moved to the CPU (to gather optimizer states across ranks)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 # --------------------------------------------------------------------------------------------
 # the fold
 
@@ -315,23 +429,39 @@ def train_fold(
     exception there (e.g. optuna's ``TrialPruned``) stops the fold and a resume replays that epoch.
     """
     paths = FoldPaths(cfg, fold)
-    # one process per fold: a second train of the same fold (two terminals, a re-queued job) is refused
-    with file_lock(paths.lock, blocking=False, what=f"fold {fold} of experiment '{cfg.name}'"):
-        state = check_fold_state(paths, cfg.train.resume, cfg.train.force)
+    ctx = dist_context()  # several processes under torchrun; one otherwise
+    device = training_device(cfg.train.device, ctx) if ctx.enabled else None
+    with contextlib.ExitStack() as stack:
+        if ctx.enabled:
+            stack.enter_context(process_group(ctx, device, cfg.train.dist_timeout_s))
+            if not ctx.is_main:  # rank 0 logs for the job; the others only warn
+                arcfold_log = logging.getLogger("arcfold")
+                stack.callback(arcfold_log.setLevel, arcfold_log.level)
+                arcfold_log.setLevel(logging.WARNING)
+
+        def claim() -> tuple[str, dict[str, Any] | None]:  # rank 0 only: the lock, the state, the cleanup
+            # one process per fold: a second train of the same fold (two terminals, a re-queued job) is refused
+            stack.enter_context(file_lock(paths.lock, blocking=False, what=f"fold {fold} of experiment '{cfg.name}'"))
+            state = check_fold_state(paths, cfg.train.resume, cfg.train.force)
+            if state == "done":
+                log.info(
+                    "fold %d of '%s' is already finished: %s (train.force=true retrains it)", fold, cfg.name, paths.oof
+                )
+                _remove_work_files(paths)  # left by a kill between writing the OOF file and cleaning up
+                return state, load_json(paths.scores, hint="Retrain the fold with train.force=true.")
+            if state == "fresh" and paths.work.exists():
+                shutil.rmtree(paths.work)
+            # temporary files of writes a kill interrupted (nothing else writes this fold's files: we hold its lock)
+            for folder, prefix in ((paths.work, ""), (cfg.oof_dir, f"fold{fold}."), (cfg.models_dir, f"fold{fold}.")):
+                remove_stale_temp_files(folder, prefix)
+            return state, None
+
+        state, scores = on_rank0(ctx, claim)
         if state == "done":
-            log.info(
-                "fold %d of '%s' is already finished: %s (train.force=true retrains it)", fold, cfg.name, paths.oof
-            )
-            _remove_work_files(paths)  # left by a kill between writing the OOF file and cleaning up
-            return load_json(paths.scores, hint="Retrain the fold with train.force=true.")
-        if state == "fresh" and paths.work.exists():
-            shutil.rmtree(paths.work)
-        # temporary files of writes a kill interrupted (nothing else writes this fold's files: we hold its lock)
-        for folder, prefix in ((paths.work, ""), (cfg.oof_dir, f"fold{fold}."), (cfg.models_dir, f"fold{fold}.")):
-            remove_stale_temp_files(folder, prefix)
-        handler = _attach_file_log(paths.log_file)
+            return scores  # type: ignore[return-value]
+        handler = _attach_file_log(paths.log_file) if ctx.is_main else None
         try:
-            return _train_fold(cfg, fold, paths, resume=state == "resume", on_epoch_end=on_epoch_end)
+            return _train_fold(cfg, fold, paths, state == "resume", on_epoch_end, ctx, device)
         except NonFiniteLossError as e:
             kept = (
                 f"the last good checkpoint is kept: {paths.last} (resume with train.resume=true)"
@@ -341,7 +471,8 @@ def train_fold(
             log.error("fold %d stopped: %s; %s", fold, e, kept)
             raise NonFiniteLossError(f"{e}; {kept}") from None
         finally:
-            _detach_file_log(handler)
+            if handler is not None:
+                _detach_file_log(handler)
 
 
 def _train_fold(
@@ -350,7 +481,11 @@ def _train_fold(
     paths: FoldPaths,
     resume: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    ctx: DistContext | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
+    ctx = ctx or DistContext()
+    progress = cfg.train.progress and ctx.is_main
     started = time.time()
     ckpt = None
     if resume:  # read (and check) the resume point first: a refusal should not wait for the data
@@ -360,8 +495,8 @@ def _train_fold(
                 f"{paths.last} is not an arcfold training state; start the fold over with train.force=true"
             )
         check_resume_config(ckpt["config"], cfg, paths.last)
-    ensure_dataset(cfg)
-    folds_path = ensure_folds(cfg)
+    # rank 0 makes the data set and the fold file (once, under their locks); the others wait, then read them
+    folds_path = on_rank0(ctx, lambda: (ensure_dataset(cfg), ensure_folds(cfg))[1])
     folds_df = load_folds(folds_path)
     n_splits = int(folds_df[FOLD].max()) + 1
     if not 0 <= fold < n_splits:
@@ -374,7 +509,7 @@ def _train_fold(
     if cfg.data.skip_bad_images and check != "none":
         check = "decode"
     bad = check_image_files(
-        folds_df, root, mode=check, source=folds_path, progress=cfg.train.progress, skip_bad=cfg.data.skip_bad_images
+        folds_df, root, mode=check, source=folds_path, progress=progress, skip_bad=cfg.data.skip_bad_images
     )
     is_bad = np.zeros(len(folds_df), dtype=bool)
     is_bad[bad] = True
@@ -406,7 +541,7 @@ def _train_fold(
         val_df[LABEL].nunique(),
     )
 
-    device = resolve_device(cfg.train.device)
+    device = device or resolve_device(cfg.train.device)
     amp_dtype = amp_dtype_for(cfg.train.amp, device)
     base_seed = cfg.train.seed + fold
     seed_everything(base_seed)
@@ -420,7 +555,7 @@ def _train_fold(
         train_tf,
         cache=cache,
         cache_size=size if cache else None,
-        progress=cfg.train.progress,
+        progress=progress,
     )
     val_ds = ImageDataset(
         resolve_image_paths(val_df, root),
@@ -428,23 +563,29 @@ def _train_fold(
         build_eval_transform(size),
         cache=cache,
         cache_size=size if cache else None,
-        progress=cfg.train.progress,
+        progress=progress,
     )
     if len(train_ds) < cfg.train.batch_size:
         raise ValueError(f"fold {fold}: {len(train_ds)} training images, fewer than train.batch_size")
+    _check_distributed_config(cfg, ctx, device)
 
     model = build_model(cfg.model).to(device)
     class_counts = np.bincount(train_labels, minlength=len(classes))  # dynamic margins, class weights
-    head = build_head(cfg.head, cfg.model.embedding_size, len(classes), class_counts=class_counts).to(device)
+    if cfg.head.sharded and ctx.enabled:
+        head = build_sharded_head(cfg, len(classes), ctx).to(device)
+    else:
+        head = build_head(cfg.head, cfg.model.embedding_size, len(classes), class_counts=class_counts).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.sync_bn and ctx.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm
     optimizer = build_optimizer(cfg, model, head)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # m-per-class batches (pair/proxy losses need positives in every batch); reseeded per epoch below
     m = cfg.sampler.m_per_class
     sampler = build_sampler(train_labels, m, cfg.train.batch_size, seed=base_seed) if m else None
-    if sampler is None and cfg.head.name in LOSSES:
+    if sampler is None and cfg.head.name in LOSSES and ctx.is_main:
         log.warning(
             "head.name=%s compares images within a batch, but batches are plain shuffles with few positive "
             "pairs: set sampler.m_per_class (e.g. 4)",
@@ -464,53 +605,76 @@ def _train_fold(
 
     start_epoch, best, history = 0, {"epoch": -1, "metrics": {"recall@1": -1.0}}, []
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
-    if ckpt is not None:
+    sharded = cfg.head.sharded and ctx.enabled
+    if ckpt is not None:  # every rank reads the same resume point
         model.load_state_dict(ckpt["model"])
-        head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if sharded:
+            head.load_full_state_dict(ckpt["head"])
+            optimizer.load_state_dict(_sharded_optimizer_state(ckpt, ctx, paths.last))
+        else:
+            head.load_state_dict(ckpt["head"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
         guard.in_a_row = int(ckpt.get("nonfinite_in_a_row", 0))
-        if best["epoch"] >= 0:
+        if best["epoch"] >= 0 and ctx.is_main:
             paths.remove_best_except(best["epoch"])  # an improved epoch the kill cut short (it is retrained)
         log.info("resuming fold %d from epoch %d (best so far: epoch %d)", fold, start_epoch, best["epoch"])
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    ddp = None
+    if ctx.enabled:
+        in_ddp_head = None if sharded else head
+        grad_factor = 1.0
+        if cfg.head.name in LOSSES:  # pair/proxy losses: on the global batch, see DistributedTrainStep
+            in_ddp_head, grad_factor = _GlobalPairLoss(head, ctx.world_size), float(ctx.world_size)
+        _freeze_unused_parameters(model, cfg.data.image_size, device)
+        ddp = DistributedDataParallel(
+            DistributedTrainStep(model, in_ddp_head, grad_factor),
+            device_ids=[device] if device.type == "cuda" else None,
+        )
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_seed = base_seed * 1000 + epoch  # each epoch reproducible on its own, so resume replays it exactly
         seed_everything(epoch_seed)
-        train_tf.set_random_seed(epoch_seed)
+        # the ranks augment different images: each its own stream (rank 0's is the single-process one)
+        aug_seed = epoch_seed + ctx.rank * 10**9
+        train_tf.set_random_seed(aug_seed)
         if sampler is not None:
             sampler.set_epoch(epoch)
+        batching: dict[str, Any] = {"batch_size": cfg.train.batch_size, "shuffle": sampler is None, "sampler": sampler}
+        if ctx.enabled:  # this rank's slice of each global batch of a single-process run
+            batches = global_batches(len(train_ds), cfg.train.batch_size, epoch_seed, sampler)[:n_batches]
+            batching = {"batch_sampler": ShardedBatchSampler(batches, ctx.rank, ctx.world_size)}
         loader = DataLoader(
             train_ds,
-            batch_size=cfg.train.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=True,
+            **batching,
+            drop_last=not ctx.enabled,  # (a batch_sampler makes whole batches itself)
             num_workers=cfg.data.num_workers,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed),
-            worker_init_fn=lambda worker_id, s=epoch_seed: train_tf.set_random_seed(s + 1 + worker_id),
+            worker_init_fn=lambda worker_id, s=aug_seed: train_tf.set_random_seed(s + 1 + worker_id),
             persistent_workers=False,
         )
         train_stats = _train_one_epoch(
-            cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch, guard
-        )
+            cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch, guard,
+            ddp=ddp, ctx=ctx, sharded_params=list(head.parameters()) if sharded else None,
+        )  # fmt: skip
 
         t0 = time.time()
+        lo, hi = shard_range(len(val_ds), ctx.rank, ctx.world_size)  # each rank embeds its rows, then all gather
         embeddings = extract_embeddings(
             model,
-            val_ds,
+            val_ds if not ctx.enabled else Subset(val_ds, range(lo, hi)),
             batch_size=cfg.train.eval_batch_size,
             device=device,
             amp_dtype=amp_dtype,
             num_workers=cfg.data.num_workers,
             channels_last=cfg.train.channels_last,
-            progress=cfg.train.progress,
+            progress=progress,
             desc=f"fold {fold} epoch {epoch} validation",
         )
+        embeddings = gather_rows(embeddings, ctx, device)  # (N_val, D) in fold-file order, on every rank
         fault_point("validation")
         metrics = retrieval_metrics(embeddings, val_df[LABEL].to_numpy(), ks=DEFAULT_KS, device=device)
         val_seconds = time.time() - t0
@@ -537,45 +701,131 @@ def _train_fold(
         )
         if improved:
             best = {"epoch": epoch, "metrics": metrics}
-            save_npz(paths.best_oof(epoch), embeddings=embeddings)
-            save_torch(paths.best(epoch), embedding_checkpoint(model, cfg, fold=fold, epoch=epoch, metrics=metrics))
-        save_history(paths.history, history)
+            if ctx.is_main:
+                save_npz(paths.best_oof(epoch), embeddings=embeddings)
+                save_torch(paths.best(epoch), embedding_checkpoint(model, cfg, fold=fold, epoch=epoch, metrics=metrics))
+        if ctx.is_main:
+            save_history(paths.history, history)
         if on_epoch_end is not None:
             on_epoch_end(row)
-        # the resume point, written last: an epoch counts as done only once everything above is on disk
-        save_torch(
-            paths.last,
-            {
-                "format": TRAIN_STATE_FORMAT,
-                "config": config_to_dict(cfg),
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "head": head.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "best": best,
-                "history": history,
-                "nonfinite_in_a_row": guard.in_a_row,
-            },
-        )
-        paths.remove_best_except(best["epoch"])  # the previous best, now superseded
+        # collectives first (every rank takes part): the sharded head's full weight, each rank's optimizer state
+        head_state = head.full_state_dict() if sharded else head.state_dict()
+        optimizer_ranks = None
+        if sharded:  # the optimizer holds this rank's rows of the head: keep every rank's state
+            optimizer_ranks = [None] * ctx.world_size if ctx.is_main else None
+            torch.distributed.gather_object(_to_cpu(optimizer.state_dict()), optimizer_ranks, dst=0)
+        if ctx.is_main:
+            # the resume point, written last: an epoch counts as done only once everything above is on disk
+            save_torch(
+                paths.last,
+                {
+                    "format": TRAIN_STATE_FORMAT,
+                    "config": config_to_dict(cfg),
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "head": head_state,
+                    "optimizer": optimizer.state_dict(),
+                    **({"optimizer_ranks": optimizer_ranks} if optimizer_ranks is not None else {}),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "best": best,
+                    "history": history,
+                    "nonfinite_in_a_row": guard.in_a_row,
+                },
+            )
+            paths.remove_best_except(best["epoch"])  # the previous best, now superseded
+        if ctx.enabled:
+            torch.distributed.barrier()  # the epoch is done for every rank once its resume point is written
 
     extra = {"skipped_images": skipped_images} if cfg.data.skip_bad_images else {}
-    return _finalize(cfg, fold, paths, val_df, best, history, folds_path, time.time() - started, extra)
+    seconds = time.time() - started
+    return on_rank0(ctx, lambda: _finalize(cfg, fold, paths, val_df, best, history, folds_path, seconds, extra))
+
+
+def _freeze_unused_parameters(model: nn.Module, image_size: int, device: torch.device) -> None:
+    """Stop training the parameters the embedding never depends on (a timm model's classifier-side norm that
+    ``forward_features`` skips): DDP waits for a gradient of every trainable parameter. They get no gradient
+    in one process either, so nothing changes; found by one backward pass on two blank images in eval mode
+    (no batch-norm statistics are updated)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(2, 3, image_size, image_size, device=device))  # (2, D)
+        grads = torch.autograd.grad(out.sum(), [p for _, p in named], allow_unused=True)
+    finally:
+        model.train(was_training)
+    unused = [n for (n, p), g in zip(named, grads, strict=True) if g is None]
+    for (_, p), g in zip(named, grads, strict=True):
+        if g is None:
+            p.requires_grad_(False)
+    if unused:
+        log.info("parameters the embedding does not use, not trained: %s", ", ".join(unused))
+
+
+def _check_distributed_config(cfg: ExperimentConfig, ctx: DistContext, device: torch.device) -> None:
+    """What the config cannot check alone: the batch split over the ranks, SyncBatchNorm's device."""
+    if not ctx.enabled:
+        if cfg.train.sync_bn or cfg.head.sharded:
+            log.info("train.sync_bn and head.sharded have no effect in a single process")
+        return
+    w, batch, m = ctx.world_size, cfg.train.batch_size, cfg.sampler.m_per_class
+    if batch % w:
+        raise ConfigError(f"train.batch_size={batch} is the global batch and must split evenly over the {w} processes")
+    if m and (batch // w) % m:
+        raise ConfigError(
+            f"train.batch_size={batch} over {w} processes is {batch // w} per process, not a multiple of "
+            f"sampler.m_per_class={m}: each class's {m} images must stay on one process"
+        )
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
+
+
+def _sharded_optimizer_state(ckpt: dict[str, Any], ctx: DistContext, source: Path) -> dict[str, Any]:
+    """This rank's optimizer state from a resume point of a sharded head (one state per rank)."""
+    states = ckpt.get("optimizer_ranks")
+    if states is None or len(states) != ctx.world_size:
+        found = "no per-rank state" if states is None else f"{len(states)} processes"
+        raise ArtifactExistsError(
+            f"{source} was not written by a head.sharded=true run of {ctx.world_size} processes ({found}); resume "
+            "with the same number of processes, or start over with train.force=true"
+        )
+    return states[ctx.rank]
 
 
 def _train_one_epoch(
-    cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch, guard=None
+    cfg,
+    model,
+    head,
+    loader,
+    n_batches,
+    optimizer,
+    scheduler,
+    scaler,
+    params,
+    device,
+    amp_dtype,
+    epoch,
+    guard=None,
+    *,
+    ddp: DistributedDataParallel | None = None,
+    ctx: DistContext | None = None,
+    sharded_params: list[nn.Parameter] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; skips (and counts) non-finite steps, stops after ``guard.limit`` in a row."""
+    """One pass over ``loader``; skips (and counts) non-finite steps, stops after ``guard.limit`` in a row.
+
+    Several processes: ``ddp`` wraps a :class:`DistributedTrainStep` of ``model`` (and ``head``, unless it is
+    sharded: then ``sharded_params`` are its parameters, different on every rank). The losses and images
+    counted are those of the global batch.
+    """
+    ctx = ctx or DistContext()
     model.train()
     head.train()
     guard = guard if guard is not None else NonFiniteGuard(cfg.train.max_nonfinite_steps)
     accum, clip = cfg.train.accum_steps, cfg.train.grad_clip
     loss_sum, n_seen, n_skipped, n_steps_skipped = 0.0, 0, 0, 0
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not cfg.train.progress, leave=False)
+    bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not (cfg.train.progress and ctx.is_main), leave=False)
     t0 = time.time()
     warmup_epochs = cfg.head.margin_warmup_epochs  # every head has margin_factor (pair losses ignore it)
     for i, (images, labels) in enumerate(loader):
@@ -588,19 +838,45 @@ def _train_one_epoch(
         labels = labels.to(device, non_blocking=True)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = head(model(images), labels)
-        if not torch.isfinite(loss):
-            # an fp16 overflow or a diverging run: skip this batch rather than poison the weights (the
-            # gradients accumulated so far in this window are dropped with it)
-            n_skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            guard.skipped(f"epoch {epoch}, batch {i}", f"loss is {loss.item()}")
-            continue
-        scaler.scale(loss / accum).backward()
         need_update = (i + 1) == n_batches or (i + 1) % accum == 0
+        # DDP all-reduces the gradients only on the last micro-batch of an accumulation window
+        sync = ddp.no_sync() if ddp is not None and not need_update else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                if ddp is None:
+                    loss = head(model(images), labels)
+                elif sharded_params is None:
+                    loss = ddp(images, labels)  # the head runs inside DDP
+                else:
+                    loss = head(ddp(images, labels), labels)  # the sharded head, outside DDP
+            # the global batch's loss: the same on every rank, so every rank takes the same skip decision
+            global_loss = reduce_mean(loss, ctx) if ctx.enabled else loss
+            if not torch.isfinite(global_loss):
+                # an fp16 overflow or a diverging run: skip this batch rather than poison the weights (the
+                # gradients accumulated so far in this window are dropped with it)
+                n_skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                guard.skipped(f"epoch {epoch}, batch {i}", f"loss is {global_loss.item()}")
+                continue
+            scaler.scale(loss / accum).backward()
         if need_update:
-            if scaler.is_enabled():  # fp16: GradScaler skips the step itself when a gradient is inf/NaN
+            if sharded_params is not None:  # the norm spans every rank's rows of the head
+                if scaler.is_enabled():
+                    scaler.unscale_(optimizer)
+                norm = _sharded_grad_norm(params, sharded_params)
+                step_ok = bool(torch.isfinite(norm))  # the same on every rank (all-reduced)
+                if step_ok:
+                    if clip > 0:
+                        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+                    if scaler.is_enabled():
+                        scaler.step(optimizer)  # no rank has an inf/NaN gradient here: none skips
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                elif scaler.is_enabled():  # back off on every rank, also where the local rows were finite
+                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                why = f"gradient norm is {norm.item()}"
+            elif scaler.is_enabled():  # fp16: GradScaler skips the step itself when a gradient is inf/NaN
                 if clip > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, clip)
@@ -627,10 +903,10 @@ def _train_one_epoch(
                 guard.skipped(f"epoch {epoch}, batch {i}", why)
         else:
             guard.ok()
-        loss_sum += loss.item() * len(images)
-        n_seen += len(images)
+        loss_sum += global_loss.item() * len(images) * ctx.world_size
+        n_seen += len(images) * ctx.world_size
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{global_loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()
     seconds = time.time() - t0
     if n_skipped or n_steps_skipped:
@@ -648,6 +924,20 @@ def _train_one_epoch(
         "skipped_batches": n_skipped,
         "skipped_steps": n_steps_skipped,
     }
+
+
+def _sharded_grad_norm(params: list[nn.Parameter], sharded: list[nn.Parameter]) -> torch.Tensor:
+    """The total gradient norm of the model, the replicated parameters counted once and every rank's rows of the
+    sharded head once (its squared norm all-reduced): the norm one process would see."""
+    shard_ids = {id(p) for p in sharded}
+    replicated = [p.grad for p in params if p.grad is not None and id(p) not in shard_ids]
+    shard_grads = [p.grad for p in sharded if p.grad is not None]
+    device = (replicated or shard_grads)[0].device
+    squared = (
+        torch.nn.utils.get_total_norm(shard_grads).to(device) ** 2 if shard_grads else torch.zeros((), device=device)
+    )
+    torch.distributed.all_reduce(squared)
+    return torch.sqrt(torch.nn.utils.get_total_norm(replicated).to(device) ** 2 + squared)
 
 
 def check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, source: Path) -> None:

@@ -16,15 +16,27 @@ Reproducibility: PML draws from numpy's global RNG (``pytorch_metric_learning.ut
 ``RandomState`` seeded from ``(seed, epoch)`` for the duration of each ``__iter__`` (which builds the
 whole index list at once) and restores the global one afterwards, so the order depends only on the
 seed and the epoch, never on what else used ``np.random`` before, and leaves the global state alone.
+
+Several processes (DistributedDataParallel): ``train.batch_size`` is the global batch, and
+:class:`ShardedBatchSampler` gives each of the ``world_size`` ranks its contiguous slice of every global batch
+that one process would draw (:func:`global_batches`: the same shuffle, or the same m-per-class order, from the
+same seed), so the ranks' slices are disjoint and together are exactly the single-process batch. With
+m-per-class batches the per-rank batch must be a multiple of ``m``: then each class's ``m`` images (PML puts
+them next to each other) stay on one rank. It does what ``DistributedSampler`` does (a shared seed, a new
+order per epoch, disjoint shards), but shards each *batch* rather than the whole epoch, which is what keeps
+the m-per-class blocks whole and the global batches those of a single-process run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import numpy as np
+import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as c_f
 
-__all__ = ["SeededMPerClassSampler", "build_sampler"]
+__all__ = ["SeededMPerClassSampler", "ShardedBatchSampler", "build_sampler", "global_batches"]
 
 
 class SeededMPerClassSampler(MPerClassSampler):
@@ -82,3 +94,50 @@ def build_sampler(labels: np.ndarray, m_per_class: int, batch_size: int, seed: i
     if len(labels) < batch_size:
         raise ValueError(f"{len(labels)} images, fewer than one batch of train.batch_size={batch_size}")
     return SeededMPerClassSampler(labels, m_per_class, batch_size, seed)
+
+
+def global_batches(
+    n: int, batch_size: int, seed: int, sampler: torch.utils.data.Sampler | None = None
+) -> list[list[int]]:
+    """The batches of dataset indices that a single process trains on in one epoch, in order.
+
+    Drawn by the same ``DataLoader`` as the single-process train loop (``shuffle`` with a generator seeded with
+    ``seed``, or ``sampler``, ``drop_last``), over ``range(n)`` instead of the images: the DataLoader draws a
+    worker base seed from the generator before the permutation, and reproducing it through the DataLoader
+    itself rather than by hand keeps the order identical whatever torch does inside.
+    """
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        range(n),
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return [batch.tolist() for batch in loader]
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Rank ``rank``'s contiguous slice of each global batch: ``batch[rank * b:(rank + 1) * b]``, b = B / world_size.
+
+    ``batches`` are the global batches (:func:`global_batches`), each of ``world_size * b`` indices. Use it as
+    ``DataLoader(ds, batch_sampler=ShardedBatchSampler(...))``.
+    """
+
+    def __init__(self, batches: Sequence[Sequence[int]], rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        sizes = {len(b) for b in batches}
+        if len(sizes) > 1 or any(s % world_size for s in sizes):
+            raise ValueError(f"every global batch must hold a multiple of world_size={world_size} indices: {sizes}")
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            local = len(batch) // self.world_size
+            yield list(batch[self.rank * local : (self.rank + 1) * local])
