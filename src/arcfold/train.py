@@ -623,17 +623,7 @@ def _train_fold(
         log.info("resuming fold %d from epoch %d (best so far: epoch %d)", fold, start_epoch, best["epoch"])
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    ddp = None
-    if ctx.enabled:
-        in_ddp_head = None if sharded else head
-        grad_factor = 1.0
-        if cfg.head.name in LOSSES:  # pair/proxy losses: on the global batch, see DistributedTrainStep
-            in_ddp_head, grad_factor = _GlobalPairLoss(head, ctx.world_size), float(ctx.world_size)
-        _freeze_unused_parameters(model, cfg.data.image_size, device)
-        ddp = DistributedDataParallel(
-            DistributedTrainStep(model, in_ddp_head, grad_factor),
-            device_ids=[device] if device.type == "cuda" else None,
-        )
+    ddp = build_ddp(cfg, model, head, ctx, device) if ctx.enabled else None
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_seed = base_seed * 1000 + epoch  # each epoch reproducible on its own, so resume replays it exactly
         seed_everything(epoch_seed)
@@ -740,6 +730,20 @@ def _train_fold(
     extra = {"skipped_images": skipped_images} if cfg.data.skip_bad_images else {}
     seconds = time.time() - started
     return on_rank0(ctx, lambda: _finalize(cfg, fold, paths, val_df, best, history, folds_path, seconds, extra))
+
+
+def build_ddp(
+    cfg: ExperimentConfig, model: nn.Module, head: nn.Module, ctx: DistContext, device: torch.device
+) -> DistributedDataParallel:
+    """DDP around a :class:`DistributedTrainStep` of ``model`` and ``head`` (the head left out when it is sharded;
+    a pair/proxy loss on the global batch). Parameters the embedding never uses are frozen first."""
+    in_ddp_head, grad_factor = (None if cfg.head.sharded else head), 1.0
+    if cfg.head.name in LOSSES:  # pair/proxy losses: on the global batch, see DistributedTrainStep
+        in_ddp_head, grad_factor = _GlobalPairLoss(head, ctx.world_size), float(ctx.world_size)
+    _freeze_unused_parameters(model, cfg.data.image_size, device)
+    return DistributedDataParallel(
+        DistributedTrainStep(model, in_ddp_head, grad_factor), device_ids=[device] if device.type == "cuda" else None
+    )
 
 
 def _freeze_unused_parameters(model: nn.Module, image_size: int, device: torch.device) -> None:
