@@ -111,6 +111,53 @@ def test_distributed_cross_entropy_without_group_is_cross_entropy_fp64():
     torch.testing.assert_close(logits.grad, reference_logits.grad, atol=1e-14, rtol=1e-12)
 
 
+def _restricted_reference(kind, weight, labels, sampled):
+    """The unsharded head on the sampled classes only (labels renumbered), its loss and weight gradient."""
+    reference = UNSHARDED[kind](D, len(sampled), scale=SCALE, margin=MARGINS[kind])
+    with torch.no_grad():
+        reference.weight.copy_(weight[sampled])
+    return reference, torch.searchsorted(sampled, labels)
+
+
+@pytest.mark.parametrize("kind", SHARDED_KINDS)
+def test_class_sampling_keeps_every_positive_and_is_the_head_on_the_kept_classes(kind):
+    torch.manual_seed(0)
+    n_classes = 50
+    x, labels = torch.randn(12, D), torch.tensor([3, 3, 7, 11, 20, 20, 21, 33, 40, 49, 0, 7])
+    head = ShardedMarginHead(kind, D, n_classes, SCALE, MARGINS[kind], sample_rate=0.3)
+    full_weight = head.weight.detach().clone()
+    loss = head(x, labels)
+    loss.backward()
+    sampled = head.last_sampled
+    assert len(sampled) == 15 and torch.equal(sampled, sampled.sort().values)  # ceil(0.3 * 50), ascending
+    assert set(labels.tolist()) <= set(sampled.tolist())
+    reference, renumbered = _restricted_reference(kind, full_weight, labels, sampled)
+    loss_ref = reference(x, renumbered)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=4 * EPS32 * SCALE, rtol=4 * EPS32)
+    torch.testing.assert_close(head.weight.grad[sampled], reference.weight.grad, atol=1e-7, rtol=1e-6)
+    not_sampled = torch.ones(n_classes, dtype=torch.bool)
+    not_sampled[sampled] = False
+    assert (head.weight.grad[not_sampled] == 0).all() and (head.weight.grad[sampled] != 0).any()
+
+
+def test_class_sampling_keeps_all_positives_when_they_are_more_than_the_rate():
+    head = ShardedMarginHead("arcface", D, 40, SCALE, 0.5, sample_rate=0.1)  # 4 columns, 6 positives
+    head(torch.randn(6, D), torch.tensor([1, 5, 9, 13, 17, 39]))
+    assert head.last_sampled.tolist() == [1, 5, 9, 13, 17, 39]
+
+
+def test_class_sampling_only_in_training():
+    torch.manual_seed(0)
+    x, labels = torch.randn(8, D), torch.randint(0, 30, (8,))
+    head = ShardedMarginHead("cosface", D, 30, SCALE, 0.35, sample_rate=0.2).eval()
+    exact = ShardedMarginHead("cosface", D, 30, SCALE, 0.35)
+    exact.load_full_state_dict(head.full_state_dict())
+    assert torch.equal(head(x, labels), exact(x, labels)) and head.last_sampled is None
+    with pytest.raises(ValueError, match=r"sample_rate must be in \(0, 1\]"):
+        ShardedMarginHead("cosface", D, 30, SCALE, 0.35, sample_rate=0.0)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="kind 'subcenter_arcface' is unknown; choose one of arcface, cosface"):
         ShardedMarginHead("subcenter_arcface", D, 10, SCALE, 0.5)
@@ -274,6 +321,41 @@ def _labels_out_of_range(rank: int, world_size: int) -> dict[str, dict]:
     return {"labels_out_of_range_raise_on_every_rank": {"diff": float(not raised), "tol": 0.0}}
 
 
+def _sampled(rank: int, world_size: int) -> dict[str, dict]:
+    # sample_rate 0.5: each rank keeps its positives + random others; the loss is the unsharded head's on the
+    # union of the kept classes, and each rank's kept rows get that head's gradient
+    n_classes, sizes = SETUPS[world_size]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(sum(sizes), D, generator=g)
+    labels = torch.randint(0, n_classes, (sum(sizes),), generator=g)
+    weight = torch.randn(n_classes, D, generator=g)
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    torch.manual_seed(rank)
+    head = ShardedMarginHead("arcface", D, n_classes, SCALE, 0.5, rank=rank, world_size=world_size, sample_rate=0.5)
+    head.load_full_state_dict({"weight": weight})
+    loss = head(x[rows], labels[rows])
+    loss.backward()
+    kept = [None] * world_size
+    dist.all_gather_object(kept, head.last_sampled.tolist())
+    sampled = torch.tensor(sorted(c for part in kept for c in part))
+    start, stop = shard_range(n_classes, rank, world_size)
+    reference, renumbered = _restricted_reference("arcface", weight, labels, sampled)
+    loss_ref = reference(x, renumbered)
+    loss_ref.backward()
+    mine = (sampled >= start) & (sampled < stop)
+    n_keep, n_positives = math.ceil(0.5 * (stop - start)), len(labels[(labels >= start) & (labels < stop)].unique())
+    grad = head.weight.grad[sampled[mine] - start]
+    return {
+        "sampled_keeps_positives": {"diff": float(not set(labels.tolist()) <= set(sampled.tolist())), "tol": 0.0},
+        "sampled_size": {"diff": float(len(head.last_sampled) != max(n_keep, n_positives)), "tol": 0.0},
+        "sampled_loss": {"diff": _max_diff(loss, loss_ref), "tol": 4 * EPS32 * (1 + loss_ref.item())},
+        "sampled_weight_grad": {
+            "diff": _max_diff(grad, reference.weight.grad[mine]),
+            "tol": GRAD_RTOL * float(reference.weight.grad.abs().max()),
+        },
+    }
+
+
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -294,6 +376,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         results.update(_fp64_cross_entropy(rank, world_size))
         results.update(_state_round_trip(rank, world_size))
         results.update(_labels_out_of_range(rank, world_size))
+        results.update(_sampled(rank, world_size))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -344,6 +427,10 @@ CHECKS += [
     "full_state_same_on_every_rank",
     "round_trip",
     "labels_out_of_range_raise_on_every_rank",
+    "sampled_keeps_positives",
+    "sampled_size",
+    "sampled_loss",
+    "sampled_weight_grad",
 ]
 
 

@@ -31,8 +31,9 @@ max is taken across ranks, so no row can overflow whatever the scale). With ``wo
 is literally ``classification_loss(arcface_logits(...))``, bit for bit the loss of ``heads.ArcFaceHead`` /
 ``heads.CosFaceHead`` with the same weight.
 
-Not supported here (the unsharded heads have them): per-class (dynamic) margins, class weights, focal loss,
-sub-centres. ``margin_factor`` (margin warm-up) is supported.
+Optional class sampling (``sample_rate < 1``, Partial FC's negative sampling, positives always kept) shrinks
+the logits; ``sample_rate = 1`` (the default) is exact. Not supported here (the unsharded heads have them):
+per-class (dynamic) margins, class weights, focal loss, sub-centres. ``margin_factor`` (margin warm-up) is.
 """
 
 from __future__ import annotations
@@ -167,6 +168,14 @@ class ShardedMarginHead(nn.Module):
     embeddings get ``world_size`` times the single-process gradient, so that DDP's *average* of the backbone
     gradients equals the single-process backbone gradient (see the module docstring). The head must not be
     wrapped in DDP: its shards differ per rank by design.
+
+    ``sample_rate < 1`` (Partial FC's class sampling; typical 0.1-0.3 at 1M classes): in training mode each rank
+    keeps the classes of its shard that are a target in the global batch plus random others, in all
+    ``ceil(sample_rate * C_r)`` (or all its positives if they are more), and the softmax runs over the kept classes
+    of all ranks only: the loss and gradients are those of the unsharded head restricted to those classes, and
+    the rows not kept get a zero gradient (AdamW still decays them and moves them by their moments). The logits
+    block shrinks by ``sample_rate``. ``last_sampled`` holds the global ids kept at the last step. In eval mode,
+    and with ``sample_rate = 1`` (exact, the default), every class is used.
     """
 
     def __init__(
@@ -179,13 +188,19 @@ class ShardedMarginHead(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         group=None,
+        *,
+        sample_rate: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1] (got {sample_rate})")
         if kind not in _MARGIN_LOGITS:
             raise ValueError(f"sharded head kind {kind!r} is unknown; choose one of {', '.join(SHARDED_KINDS)}")
         self.kind, self.embedding_size, self.n_classes = kind, embedding_size, n_classes
         self.scale, self.margin = scale, margin
         self.rank, self.world_size, self.group = rank, world_size, group
+        self.sample_rate = sample_rate
+        self.last_sampled: torch.Tensor | None = None  # (S_r,) global class ids of the last sampled step
         self.start, self.stop = shard_range(n_classes, rank, world_size)
         self.margin_factor = 1.0  # set by the train loop for margin warm-up; not part of the state dict
         self.weight = nn.Parameter(torch.empty(self.stop - self.start, embedding_size))  # (C_r, D) this shard
@@ -194,24 +209,54 @@ class ShardedMarginHead(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ pieces
 
-    def shard_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def sample_columns(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """(N,) global labels -> (S_r,) ascending columns of this shard to keep, or None for all of them.
+
+        None unless training with ``sample_rate < 1``. Every positive (a class of this shard that is a target in
+        the batch) is kept; random other columns fill up to ``ceil(sample_rate * C_r)``.
+        """
+        if self.sample_rate >= 1.0 or not self.training:
+            return None
+        n_local = self.stop - self.start
+        positives = torch.unique(labels[(labels >= self.start) & (labels < self.stop)] - self.start)  # ascending
+        n_keep = math.ceil(self.sample_rate * n_local)
+        if len(positives) >= n_keep:
+            columns = positives
+        else:
+            priority = torch.rand(n_local, device=labels.device)  # (C_r,) in [0, 1)
+            priority[positives] = 2.0  # positives first
+            columns = priority.topk(n_keep).indices.sort().values
+        self.last_sampled = columns + self.start
+        return columns
+
+    def shard_logits(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """This shard's columns of the training logits: (N, D) embeddings, (N,) global labels -> (N, C_r) fp32.
 
+        ``columns`` (S_r,) ascending: only those columns of the shard (from :meth:`sample_columns`), (N, S_r).
         The margin goes to the target logit of the rows whose class is in this shard; the other rows are
         ``s cos`` only. They are passed to the heads' logits function with margin 0 and column 0 as a stand-in
         target, which leaves that column's value and gradient unchanged (``cos(theta + 0)``, ``cos - 0``).
         """
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            cosine = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))  # (N, C_r)
-            here = (labels >= self.start) & (labels < self.stop)  # (N,)
-            local_labels = torch.where(here, labels - self.start, 0)  # (N,) column 0 as a stand-in elsewhere
+            weight = self.weight if columns is None else self.weight[columns]  # (C_r or S_r, D)
+            cosine = F.linear(F.normalize(embeddings.float()), F.normalize(weight.float()))  # (N, C_r or S_r)
+            column = self.local_labels(labels, columns)  # (N,) -1 where the target is not among the columns
+            here = column >= 0
             margin = torch.where(here, float(self.margin * self.margin_factor), 0.0).float()  # (N,)
-            return _MARGIN_LOGITS[self.kind](cosine, local_labels, margin, self.scale)
+            return _MARGIN_LOGITS[self.kind](cosine, column.clamp(min=0), margin, self.scale)
 
-    def local_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """(N,) global class ids -> (N,) column in this shard, -1 where the class lives on another rank."""
+    def local_labels(self, labels: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) global class ids -> (N,) column in this shard (or among ``columns``), -1 where the class is elsewhere.
+
+        With ``columns`` every positive of this shard is among them (:meth:`sample_columns` keeps them all).
+        """
         here = (labels >= self.start) & (labels < self.stop)
-        return torch.where(here, labels - self.start, -1)
+        column = labels - self.start
+        if columns is not None:
+            column = torch.searchsorted(columns, column.clamp(0, self.stop - self.start - 1))
+        return torch.where(here, column, -1)
 
     def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local (B, D), (B,) -> global (N, D), (N,) in rank order. Backward, the embeddings' gradient is summed
@@ -267,12 +312,15 @@ class ShardedMarginHead(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             if self.world_size == 1:  # exactly the unsharded head: same logits function, same loss call
                 self._check_label_range(labels, self.n_classes)
-                return classification_loss(self.shard_logits(embeddings, labels), labels)
+                columns = self.sample_columns(labels)
+                logits = self.shard_logits(embeddings, labels, columns)  # (B, C) fp32 (sampled: (B, S))
+                return classification_loss(logits, self.local_labels(labels, columns))
             self._check_group()
             all_embeddings, all_labels = self._gather(embeddings, labels)  # (N, D), (N,)
             self._check_label_range(all_labels, self.n_classes)
-            logits = self.shard_logits(all_embeddings, all_labels)  # (N, C_r) fp32
-            return distributed_cross_entropy(logits, self.local_labels(all_labels), self.group)
+            columns = self.sample_columns(all_labels)  # None, or (S_r,) with every positive of this shard
+            logits = self.shard_logits(all_embeddings, all_labels, columns)  # (N, C_r) fp32 (sampled: (N, S_r))
+            return distributed_cross_entropy(logits, self.local_labels(all_labels, columns), self.group)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
@@ -309,4 +357,5 @@ class ShardedMarginHead(nn.Module):
             f"kind={self.kind}, embedding_size={self.embedding_size}, n_classes={self.n_classes}, "
             f"rows=[{self.start}, {self.stop}), rank={self.rank}, world_size={self.world_size}, "
             f"scale={self.scale}, margin={self.margin} {unit}"
+            + (f", sample_rate={self.sample_rate}" if self.sample_rate < 1 else "")
         )
