@@ -100,6 +100,77 @@ def test_tta_and_fold_ensemble_are_means_of_normalised_views(trained, glyphs_inp
     assert not np.allclose(got, oof["embeddings"][:40], atol=1e-3)  # TTA and the second fold did change them
 
 
+def test_uint8_views_normalised_on_the_device_equal_the_eval_transform(glyphs_input, tmp_path) -> None:
+    import cv2
+
+    from arcfold.data.dataset import read_image
+    from arcfold.infer import _collate_views, _MultiSizeDataset, _Normalise
+
+    paths = sorted(str(p) for p in (glyphs_input / "glyphs").rglob("*.png"))[:6]
+    colour = np.random.default_rng(0).integers(0, 256, size=(40, 57, 3), dtype=np.uint8)  # not square, all levels
+    cv2.imwrite(str(tmp_path / "colour.png"), colour)
+    paths.append(str(tmp_path / "colour.png"))
+    dataset = _MultiSizeDataset(paths, [32, 48, 32])
+    batch = _collate_views([dataset[i] for i in range(len(paths))])  # {size: (B, 3, s, s) uint8}
+    normalise = _Normalise(torch.device("cpu"))
+    assert sorted(batch) == [32, 48] and batch[32].dtype == torch.uint8 and normalise.exact_affine
+    for size in (32, 48):
+        # what the loader did before: resize the decoded image (INTER_AREA) and run the eval transform on it
+        want = torch.stack(
+            [
+                build_eval_transform(size)(image=cv2.resize(read_image(p), (size, size), interpolation=cv2.INTER_AREA))[
+                    "image"
+                ]
+                for p in paths
+            ]
+        )
+        assert torch.equal(normalise(batch[size]), want)
+        normalise.exact_affine = False  # the table lookup, used when the affine form would not be exact
+        assert torch.equal(normalise(batch[size]), want)
+        normalise.exact_affine = True
+
+
+def test_prefetch_thread_hands_over_errors_and_stops_with_its_consumer() -> None:
+    import threading
+
+    from arcfold.infer import _prefetch
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("boom")
+
+    items = _prefetch(failing())
+    assert next(items) == 1 and next(items) == 2
+    with pytest.raises(ValueError, match="boom"):
+        next(items)
+    produced = []
+
+    def counting():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    items = _prefetch(counting(), depth=2)
+    assert next(items) == 0
+    items.close()  # the consumer stops early: the producer stops too instead of decoding everything
+    assert len(produced) <= 4
+    assert not any(t.name == "arcfold-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_prefetch_thread_and_worker_processes_give_the_same_embeddings(trained, glyphs_input) -> None:
+    cfg, oof = _cfg(trained, glyphs_input, "folds=[0]")
+    ensemble = load_ensemble(cfg, torch.device("cpu"))
+    paths = _paths(oof, glyphs_input)[:70]
+    tta = TTAConfig(hflip=True, scales=[1.0, 1.5])
+    runs = [
+        embed_images(ensemble, paths, tta=tta, batch_size=16, progress=False, **kw)
+        for kw in ({}, {"prefetch": False}, {"num_workers": 1})
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
+
+
 def test_blend_of_two_copies_has_the_single_experiments_similarities(trained, glyphs_input, tmp_path) -> None:
     models = tmp_path / "models"
     shutil.copytree(trained / "models" / EXP, models / EXP)

@@ -45,8 +45,8 @@ def min_top_gap(x: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(min(gaps))
 
 
-def brute_force(x: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, Fraction]:
-    """Leave-one-out metrics straight from the definitions, as exact fractions.
+def brute_force(x: np.ndarray, labels: np.ndarray, ks: list[int], only: set[int] | None = None) -> dict[str, Fraction]:
+    """Leave-one-out metrics straight from the definitions, as exact fractions (over the queries in ``only``).
 
     Full (N, N) similarities in float64 (exact for the small-integer / dyadic inputs used with it), full stable
     argsort of -similarity per row (ties -> lower index), self removed by index, AP@R summed term by term.
@@ -59,7 +59,7 @@ def brute_force(x: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, F
     n_queries = 0
     for i in range(n):
         r = int(np.sum(labels == labels[i])) - 1
-        if r == 0:
+        if r == 0 or (only is not None and i not in only):
             continue
         n_queries += 1
         order = np.argsort(-sims[i], kind="stable")  # (N,)
@@ -306,6 +306,36 @@ def test_chunking_invariance() -> None:
     results = [retrieval_metrics(x, y, chunk_size=c) for c in (1, 7, None)]
     assert results[0] == results[1] == results[2]
     assert list(results[0]) == [f"recall@{k}" for k in DEFAULT_KS] + ["map@r", "n_queries", "n_items"]
+
+
+def test_query_subset_scores_those_queries_exactly_as_the_full_run() -> None:
+    x, y = clustered(7, 3)
+    ks = [1, 2, 5]
+    rng = np.random.default_rng(0)
+    subset = rng.choice(len(y), size=len(y) // 3, replace=False)  # unsorted, includes some singletons
+    got = retrieval_metrics(x, y, ks=ks, query_subset=subset, chunk_size=5)
+    ref = brute_force(x, y, ks, only=set(subset.tolist()))
+    singletons = np.bincount(y)[y] == 1
+    assert got["n_queries"] == int((~singletons[subset]).sum()) and got["n_items"] == len(y)
+    for name, value in ref.items():
+        assert got[name] == pytest.approx(float(value), abs=1e-12)
+    # the two halves of a partition of the items average to the full figures, weighted by their query counts
+    halves = [retrieval_metrics(x, y, ks=ks, query_subset=h) for h in np.array_split(rng.permutation(len(y)), 2)]
+    full = retrieval_metrics(x, y, ks=ks)
+    for name in ("recall@1", "recall@5", "map@r"):
+        weighted = sum(h[name] * h["n_queries"] for h in halves) / full["n_queries"]
+        assert weighted == pytest.approx(full[name], abs=1e-12)
+    assert retrieval_metrics(x, y, ks=ks, query_subset=np.arange(len(y))) == full
+
+
+def test_query_subset_errors() -> None:
+    x, y = clustered(8, 3)
+    for bad in ([0, 0], [[0, 1]], [0.5], [len(y)], [-1]):
+        with pytest.raises(ValueError, match="query_subset"):
+            retrieval_metrics(x, y, query_subset=np.asarray(bad))
+    singleton = int(np.flatnonzero(np.bincount(y)[y] == 1)[0])
+    with pytest.raises(ValueError, match="no queries"):
+        retrieval_metrics(x, y, query_subset=[singleton])
 
 
 def test_progress_bar_does_not_change_results() -> None:

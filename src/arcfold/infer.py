@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -56,7 +58,7 @@ from tqdm.auto import tqdm
 from arcfold.config import ConfigError, load_structured
 from arcfold.data.dataset import read_image
 from arcfold.data.table import DataValidationError, _raise_problems, _where, read_csv
-from arcfold.data.transforms import build_eval_transform
+from arcfold.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class SearchConfig:
     backend: str = "auto"  # auto (faiss if installed) | faiss | torch
     device: str = "auto"  # auto (faiss GPU when present) | cpu | cuda
     nlist: int | None = None  # ivf lists; default ~4 sqrt(N)
-    nprobe: int = 16
+    nprobe: int | None = None  # ivf lists visited per query; default nlist / 4 (recall@10 >= 0.95, see search.py)
     hnsw_m: int = 32
     ef_search: int = 128
 
@@ -300,16 +302,20 @@ def load_ensemble(cfg: InferenceConfig, device: torch.device) -> Ensemble:
 
 
 class _MultiSizeDataset(Dataset):
-    """Decodes each image once and returns it resized to every size needed: ``{size: (3, size, size) tensor}``."""
+    """Decodes each image once and returns it resized to every size needed: ``{size: (3, size, size) uint8 array}``.
+
+    Normalisation is left to :class:`_Normalise`, on the batch and on the model's device: uint8 moves a quarter of
+    the bytes (to the GPU, and between DataLoader workers), and the per-image float work leaves the loader.
+    """
 
     def __init__(self, paths: Sequence[str], sizes: Sequence[int]) -> None:
         self.paths = list(paths)
-        self.transforms = {s: build_eval_transform(s) for s in sorted(set(sizes))}
+        self.sizes = sorted(set(sizes))
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict[int, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[int, np.ndarray]:
         try:
             image = read_image(self.paths[index])  # (H, W, 3) uint8 RGB
         except OSError:  # it exists (checked when the table was read) but OpenCV cannot decode it
@@ -318,12 +324,88 @@ class _MultiSizeDataset(Dataset):
                 f"row {index} (line {index + 2}): cannot decode image {path} (corrupt or not an image)"
             ) from None
         views = {}
-        for size, transform in self.transforms.items():
+        for size in self.sizes:
             resized = image
             if image.shape[:2] != (size, size):
                 resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            views[size] = transform(image=resized)["image"]
+            views[size] = np.ascontiguousarray(resized.transpose(2, 0, 1))  # (3, s, s) uint8
         return views
+
+
+def _collate_views(items: list[dict[int, np.ndarray]]) -> dict[int, torch.Tensor]:
+    """Stack the views of each size: ``{size: (B, 3, s, s) uint8}``, in numpy (no torch thread pool in a producer)."""
+    return {size: torch.from_numpy(np.stack([item[size] for item in items])) for size in items[0]}
+
+
+class _Normalise:
+    """The eval transform's normalisation of a uint8 batch, done on ``device``: bit-identical to the transform.
+
+    The per-channel value of each of the 256 levels is read off :func:`build_eval_transform` itself (a ramp image
+    through it) into a (3, 256) table. A batch is ``(x - mean) * scale`` in float32 when that reproduces the table
+    exactly on all 256 levels (it does for the ImageNet constants: one fused pass), else a lookup in the table.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        ramp = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)  # (16, 16, 3)
+        table = build_eval_transform(16)(image=ramp)["image"].reshape(3, 256)  # (3, 256) float32, no resize at 16
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1) * 255  # (3, 1)
+        scale = 1 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1) * 255)  # (3, 1)
+        levels = torch.arange(256, dtype=torch.float32).expand(3, 256)
+        self.exact_affine = torch.equal((levels - mean) * scale, table)
+        self.mean, self.scale = mean.view(1, 3, 1, 1).to(device), scale.view(1, 3, 1, 1).to(device)
+        self.table = table.reshape(-1).to(device)  # (3 * 256,)
+        self.offsets = (torch.arange(3, device=device) * 256).view(1, 3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (B, 3, H, W) float32."""
+        if self.exact_affine:
+            return (x.float() - self.mean) * self.scale
+        return self.table.take(x.long() + self.offsets)
+
+
+def _prefetch(iterable, depth: int = 2):
+    """Yield ``iterable``'s items, produced by a background thread up to ``depth`` items ahead.
+
+    With ``num_workers=0`` this overlaps decoding (OpenCV releases the GIL) with the model's forward pass in the
+    main thread. An exception in the producer is raised here, in the consumer; a consumer that stops early (or
+    raises) stops the producer at its next item.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put((False, exc))
+            return
+        put((True, done))
+
+    thread = threading.Thread(target=produce, name="arcfold-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = items.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -340,10 +422,16 @@ def embed_images(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
+    prefetch: bool = True,
     progress: bool = True,
     desc: str = "embedding",
 ) -> np.ndarray:
-    """The ensemble's embedding of every image: (N, D) float32, unit norm (see the module doc for the combination)."""
+    """The ensemble's embedding of every image: (N, D) float32, unit norm (see the module doc for the combination).
+
+    Input preparation overlaps the model: ``num_workers > 0`` decodes in DataLoader worker processes; with
+    ``num_workers=0`` and ``prefetch`` (the default) a background thread decodes the next batches while the main
+    thread runs the model. Batches travel as uint8 (pinned on CUDA) and are normalised on ``device``.
+    """
     from arcfold.blend import blend_embeddings
 
     device = torch.device(device)
@@ -356,11 +444,14 @@ def embed_images(
         _MultiSizeDataset(paths, sizes),
         batch_size=batch_size,
         num_workers=num_workers,
+        collate_fn=_collate_views,
         pin_memory=device.type == "cuda",
     )
+    batches = _prefetch(loader) if prefetch and num_workers == 0 else loader
+    normalise = _Normalise(device)
     per_model: list[list[np.ndarray]] = [[] for _ in ensemble.models]
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-        batch = {s: x.to(device, non_blocking=True) for s, x in batch.items()}
+    for batch in tqdm(batches, desc=desc, unit="batch", total=len(loader), disable=not progress, leave=False):
+        batch = {s: normalise(x.to(device, non_blocking=True)) for s, x in batch.items()}  # {s: (B, 3, s, s)}
         for i, m in enumerate(ensemble.models):
             total = None
             for scale in tta.scales:
