@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -138,8 +139,9 @@ def reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 def on_rank0(ctx: DistContext, fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only; every rank returns its result (which must pickle).
 
-    An exception on rank 0 is re-raised there and raised on the other ranks as a RuntimeError naming it, so a
-    refusal (a finished fold, a bad config) ends every rank at once rather than leaving them waiting for rank 0.
+    An exception on rank 0 is re-raised there and raised on the other ranks too (the same exception when it
+    pickles, else a RuntimeError naming it), so a refusal (a finished fold, a bad config) ends every rank at once,
+    each with the same one-line message, rather than leaving them waiting for rank 0.
     """
     if not ctx.enabled:
         return fn()
@@ -150,11 +152,15 @@ def on_rank0(ctx: DistContext, fn: Callable[[], T]) -> T:
             box[0] = ("ok", fn())
         except BaseException as e:  # noqa: BLE001 - sent to the other ranks, then re-raised below
             error = e
-            box[0] = ("error", f"{type(e).__name__}: {e}")
+            try:
+                pickle.loads(pickle.dumps(e))
+                box[0] = ("error", e)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle: its text
+                box[0] = ("error", RuntimeError(f"rank 0 failed: {type(e).__name__}: {e}"))
     dist.broadcast_object_list(box, src=0)
     if error is not None:
         raise error
     status, payload = box[0]
     if status == "error":
-        raise RuntimeError(f"rank 0 failed: {payload}")
+        raise payload
     return payload

@@ -366,20 +366,30 @@ class _GlobalPairLoss(nn.Module):
 
 
 def build_sharded_head(cfg: ExperimentConfig, n_classes: int, ctx: DistContext) -> nn.Module:
-    """The class-sharded margin head (``head.sharded``): this rank's rows of the class centres."""
+    """The class-sharded margin head (``head.sharded``): this rank's rows of the class centres.
+
+    The rows are those of the unsharded head a single process would build at this point (made on the CPU and
+    dropped again: C x D fp32 of host memory for a moment, 2 GiB at 1M x 512), so that the run starts from the
+    single-process weights and draws the same random numbers afterwards.
+    """
     from arcfold.models.partial_fc import SHARDED_KINDS, ShardedMarginHead
 
     if cfg.head.name not in SHARDED_KINDS:
         raise ConfigError(f"head.sharded=true supports head.name={' or '.join(SHARDED_KINDS)}, not {cfg.head.name}")
-    return ShardedMarginHead(
-        cfg.head.name,
-        cfg.model.embedding_size,
-        n_classes,
-        scale=cfg.head.scale,
-        margin=cfg.head.margin,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
+    full = build_head(cfg.head, cfg.model.embedding_size, n_classes).state_dict()  # (C, D), the 1-process init
+    with torch.random.fork_rng(devices=[]):  # the shard's own random init must not shift the random stream
+        head = ShardedMarginHead(
+            cfg.head.name,
+            cfg.model.embedding_size,
+            n_classes,
+            scale=cfg.head.scale,
+            margin=cfg.head.margin,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+    with torch.no_grad():
+        head.load_full_state_dict(full)
+    return head
 
 
 def _to_cpu(obj: Any) -> Any:
