@@ -26,10 +26,15 @@ Gradient convention (the head is *not* wrapped in DDP; the backbone is):
   ranks, the backbone gradient equals the single-process gradient of the global batch.
 
 Numerics: everything after the embeddings runs in fp32 with autocast disabled (the margin arithmetic as in
-``heads.py``; a logit ``s cos`` with s up to 64 overflows no fp32 ``exp`` after the max is subtracted, and the
-max is taken across ranks, so no row can overflow whatever the scale). With ``world_size == 1`` the forward
-is literally ``classification_loss(arcface_logits(...))``, bit for bit the loss of ``heads.ArcFaceHead`` /
-``heads.CosFaceHead`` with the same weight.
+``heads.py``). The row max is taken across ranks before any ``exp``, so ``exp(z - max) <= 1`` and no row can
+overflow whatever the scale (the tests use s = 2000, where a naive fp32 ``exp(z)`` is inf). With
+``world_size == 1`` the forward is literally ``classification_loss(arcface_logits(...))``, bit for bit the
+loss of ``heads.ArcFaceHead`` / ``heads.CosFaceHead`` with the same weight.
+
+Memory per rank (``benchmarks/bench_partial_fc.py``): state 4 C_r D fp32 (weights, gradient, AdamW moments);
+one logits block N C_r = B C fp32, not shrunk by sharding. The forward + backward peaks at about 3.6 weight-sized
+temporaries (``F.normalize`` of the shard and its backward) + 2.9 logits blocks (fit on CPU), so the weight
+temporaries outweigh the logits unless w B is above about D; ``sample_rate`` shrinks both.
 
 Optional class sampling (``sample_rate < 1``, Partial FC's negative sampling, positives always kept) shrinks
 the logits; ``sample_rate = 1`` (the default) is exact. Not supported here (the unsharded heads have them):
