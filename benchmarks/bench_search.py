@@ -4,8 +4,9 @@ Gallery: ``N`` L2-normalised clustered float32 vectors at D=128 (``_bench_common
 1000 further vectors drawn around the same class centres (so they have true neighbours in the gallery), k=10.
 
 * faiss exact / ivf / hnsw: ``arcfold.search.build_index`` with search.py's defaults (IVF: ``nlist = 4 sqrt(N)``
-  capped so each list has >= 39 points, ``nprobe=16``, trained on <= 256 points per list; HNSW: ``M=32``,
-  ``efSearch=128``). Build time is reported separately; the search time is ``index.search`` of the 1000 queries.
+  capped so each list has >= 39 points, ``nprobe = nlist / 4`` (``default_nprobe``; 16 before), trained on <= 256
+  points per list; HNSW: ``M=32``, ``efSearch=128``). Build time is reported separately; the search time is
+  ``index.search`` of the 1000 queries.
 * torch: ``arcfold.search.search(..., backend="torch")`` (exact chunked matmul + top-k with the exact tie rule).
 * recall@10 vs exact: mean over queries of |approx top-10 ∩ faiss exact top-10| / 10 (target >= 0.95).
 
@@ -13,7 +14,10 @@ Search methods alternate within each of ``--rounds`` rounds, and the median is r
 2-core VM) hits them alike. HNSW is skipped at a size whose build is projected (from the previous size, x N ratio x
 1.2) to exceed ``--max-build`` seconds; the projection is recorded. Run from the project root::
 
-    python benchmarks/bench_search.py [--sizes 10000,100000,1000000] [--rounds 3]
+    python benchmarks/bench_search.py [--sizes 10000,100000,1000000] [--rounds 3] [--keep-previous]
+
+``--keep-previous`` keeps the rows of other sizes from the last ``benchmarks/results/bench_search.json`` (their
+command is listed too), so one size can be re-measured alone.
 
 Writes ``benchmarks/results/bench_search.json`` and its section of ``BENCHMARKS.md``.
 """
@@ -21,6 +25,7 @@ Writes ``benchmarks/results/bench_search.json`` and its section of ``BENCHMARKS.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -29,7 +34,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_common import NO_GPU, clustered_embeddings, cuda_available, machine, machine_line, write_results
+from _bench_common import (  # noqa: E402
+    NO_GPU,
+    RESULTS,
+    clustered_embeddings,
+    cuda_available,
+    machine,
+    machine_line,
+    write_results,
+)
 
 NAME = "bench_search"
 N_QUERIES = 1000
@@ -47,11 +60,12 @@ def recall_vs_exact(approx: np.ndarray, exact: np.ndarray) -> float:
 def bench_size(
     n: int, rounds: int, hnsw_projection: float | None, max_build: float, noise: float, approx_max_n: int
 ) -> dict:
-    from arcfold.search import build_index, default_nlist, search
+    from arcfold.search import build_index, default_nlist, default_nprobe, search
 
     x, _ = clustered_embeddings(n + N_QUERIES, D, seed=1, noise=noise)
     gallery, queries = x[:n], x[n:]  # (N, D), (1000, D)
     row: dict = {"n_gallery": n, "d": D, "noise": noise, "n_queries": N_QUERIES, "k": K, "nlist": default_nlist(n)}
+    row["nprobe"] = default_nprobe(row["nlist"])
 
     indexes, build_s = {}, {}
     for kind in ("exact", "ivf", "hnsw"):
@@ -115,6 +129,7 @@ def main() -> None:
         default=10**9,
         help="skip IVF and HNSW above this gallery size (their builds take many minutes on 2 cores at 1M)",
     )
+    p.add_argument("--keep-previous", action="store_true", help="keep other sizes' rows from the last results")
     p.add_argument(
         "--noise",
         type=float,
@@ -134,27 +149,44 @@ def main() -> None:
             projection = rows[-1]["build_seconds"]["hnsw"] * n / rows[-1]["n_gallery"] * 1.2
         rows.append(bench_size(n, a.rounds, projection, a.max_build, a.noise, a.approx_max_n))
     m = machine()
-    write_results(NAME, {"machine": m, "gpu_note": NO_GPU + gpu_note, "sizes": rows}, markdown(rows, m, a, gpu_note))
+    command = (
+        f"python benchmarks/bench_search.py --sizes {a.sizes} --rounds {a.rounds} --max-build {a.max_build:g} "
+        f"--noise {a.noise:g} --approx-max-n {a.approx_max_n}" + (" --keep-previous" if a.keep_previous else "")
+    )
+    for row in rows:
+        row["command"] = command
+    previous = RESULTS / f"{NAME}.json"
+    if a.keep_previous and previous.exists():
+        old = json.loads(previous.read_text())
+        done = {row["n_gallery"] for row in rows}
+        rows = sorted([r for r in old["sizes"] if r["n_gallery"] not in done] + rows, key=lambda r: r["n_gallery"])
+    payload = {"machine": m, "gpu_note": NO_GPU + gpu_note, "sizes": rows}
+    write_results(NAME, payload, markdown(rows, m, a, gpu_note))
 
 
 def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) -> str:
+    # rows written before the command was recorded per row came from the first full run
+    first = "python benchmarks/bench_search.py --sizes 10000,100000,1000000 --rounds 3 --max-build 300 --noise 0.8"
+    commands: dict[str, list[int]] = {}
+    for row in rows:
+        commands.setdefault(row.get("command", first + " --approx-max-n 100000"), []).append(row["n_gallery"])
     lines = [
         "## Neighbour search: seconds per 1k queries (k=10, D=128)",
         "",
-        f"Command: `python benchmarks/bench_search.py --sizes {a.sizes} --rounds {a.rounds} "
-        f"--max-build {a.max_build:g} --noise {a.noise:g} --approx-max-n {a.approx_max_n}`  ",
+        "Commands: " + "; ".join(f"`{c}` (N = {', '.join(map(str, ns))})" for c, ns in commands.items()) + "  ",
         f"Machine: {machine_line(m)}  ",
         f"GPU: {NO_GPU}{gpu_note}; faiss-gpu rows skipped.",
         "",
         f"Clustered unit vectors (noise norm {a.noise:g} around unit class centres), 1000 queries drawn around the",
         "gallery's class centres. faiss indexes built by",
-        "`arcfold.search.build_index` at search.py's defaults (IVF-Flat `nlist=4*sqrt(N)`, `nprobe=16`; HNSW-Flat",
+        "`arcfold.search.build_index` at search.py's defaults (IVF-Flat `nlist=4*sqrt(N)`, `nprobe=nlist/4` (column",
+        "nprobe; rows without it ran at the former default 16); HNSW-Flat",
         "`M=32`, `efSearch=128`); build time separate. torch = `search(backend='torch')`, exact. Median of alternating",
         f"rounds ({a.rounds}) in one process; shared noisy VM, compare within a row. Recall@10 is against faiss exact.",
         "",
-        "| gallery N | nlist | exact s/1k q | IVF s/1k q | HNSW s/1k q | torch s/1k q | IVF build s | HNSW build s |"
-        " IVF recall@10 | HNSW recall@10 | torch recall@10 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gallery N | nlist | nprobe | exact s/1k q | IVF s/1k q | HNSW s/1k q | torch s/1k q | IVF build s |"
+        " HNSW build s | IVF recall@10 | HNSW recall@10 | torch recall@10 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         t, b, rc = row["seconds_per_1k_queries"], row["build_seconds"], row["recall@10_vs_exact"]
@@ -165,7 +197,8 @@ def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) ->
         hnsw_b = f"{b['hnsw']:.1f}" if "hnsw" in b else row.get("hnsw_skipped", "")
         hnsw_r = f"{rc['hnsw']:.4f}" if "hnsw" in rc else "-"
         lines.append(
-            f"| {row['n_gallery']} | {row['nlist']} | {t['exact']:.4f} | {ivf_t} | {hnsw_t} | {t['torch']:.4f} "
+            f"| {row['n_gallery']} | {row['nlist']} | {row.get('nprobe', 16)} | {t['exact']:.4f} | {ivf_t} | {hnsw_t} "
+            f"| {t['torch']:.4f} "
             f"| {ivf_b} | {hnsw_b} | {ivf_r} | {hnsw_r} | {rc['torch']:.4f} |"
         )
     lines += [

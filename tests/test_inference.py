@@ -158,6 +158,23 @@ def test_prefetch_thread_hands_over_errors_and_stops_with_its_consumer() -> None
     assert not any(t.name == "arcfold-prefetch" and t.is_alive() for t in threading.enumerate())
 
 
+def test_num_workers_auto_is_a_thread_on_the_cpu_and_processes_on_cuda(monkeypatch) -> None:
+    import arcfold.infer
+    from arcfold.infer import resolve_num_workers
+
+    monkeypatch.setattr(arcfold.infer.os, "cpu_count", lambda: 16)
+    assert resolve_num_workers(None, torch.device("cpu")) == 0
+    assert resolve_num_workers(None, torch.device("cuda")) == 4
+    monkeypatch.setattr(arcfold.infer.os, "cpu_count", lambda: 2)
+    assert resolve_num_workers(None, torch.device("cuda")) == 1
+    assert resolve_num_workers(3, torch.device("cpu")) == 3
+    base = ["experiment=x", "query.csv=q.csv", "gallery.csv=g.csv"]
+    assert load_inference_config(None, base).num_workers is None
+    assert load_inference_config(REPO / "configs" / "inference" / "kaggle.yaml").num_workers is None
+    with pytest.raises(ConfigError, match="num_workers must be >= 0"):
+        load_inference_config(None, [*base, "num_workers=-1"])
+
+
 def test_prefetch_thread_and_worker_processes_give_the_same_embeddings(trained, glyphs_input) -> None:
     cfg, oof = _cfg(trained, glyphs_input, "folds=[0]")
     ensemble = load_ensemble(cfg, torch.device("cpu"))

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -136,7 +137,9 @@ class InferenceConfig:
     out_dir: str = "submissions"
     save_embeddings: bool = False
     batch_size: int = 128
-    num_workers: int = 0  # DataLoader workers decoding images (0: in the main process)
+    # DataLoader worker processes decoding images; 0: a background thread of the main process decodes ahead of the
+    # model; null (auto): 0 on the CPU (the model keeps every core busy), min(4, cpus - 1) on CUDA (the CPU is free)
+    num_workers: int | None = None
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (fp16 on CUDA) | bf16 | off
     progress: bool = True
@@ -175,6 +178,8 @@ def _validate(cfg: InferenceConfig) -> None:
         problems.append(f"amp must be auto, fp16, bf16 or off (got {cfg.amp!r})")
     if not cfg.tta.scales or any(s <= 0 for s in cfg.tta.scales):
         problems.append(f"tta.scales must be positive numbers (got {cfg.tta.scales})")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        problems.append(f"num_workers must be >= 0 or null for auto (got {cfg.num_workers})")
     for name in ("batch_size", "vote.k", "submission.top_k"):
         value = OmegaConf.select(OmegaConf.structured(cfg), name)
         if value < 1:
@@ -408,6 +413,18 @@ def _prefetch(iterable, depth: int = 2):
         thread.join()
 
 
+def resolve_num_workers(num_workers: int | None, device: torch.device) -> int:
+    """``num_workers``, or for ``None`` (auto): 0 on the CPU, ``min(4, cpus - 1)`` on CUDA.
+
+    On the CPU the model's forward pass already uses every core: worker processes compete with it, and the
+    background prefetch thread of ``num_workers=0`` overlaps decoding at less cost (``BENCHMARKS.md``, extraction).
+    On CUDA the CPU is idle while the GPU computes, so decoding in parallel processes pays.
+    """
+    if num_workers is not None:
+        return num_workers
+    return 0 if device.type != "cuda" else max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -543,7 +560,7 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         device=device,
         amp_dtype=amp_dtype,
-        num_workers=cfg.num_workers,
+        num_workers=resolve_num_workers(cfg.num_workers, device),
         progress=cfg.progress,
     )
     with timer("embed query"):

@@ -1,0 +1,155 @@
+"""Where the training step's time goes: a profile of one epoch and an ablation of ``_train_one_epoch`` vs a bare loop.
+
+Same setup as ``bench_train.py`` (``configs/omniglot_arcface.yaml``: resnet18, 64 px, batch 64, fold 0, image cache
+filled first). ``train.py`` is not edited: each ablation feeds or patches the unmodified ``_train_one_epoch`` from
+outside, so every difference between two loops is one thing:
+
+* ``arcfold``: ``_train_one_epoch`` on its real data path (cached images, ``light`` augmentation, DataLoader).
+* ``arcfold-preloaded``: the same function fed the bare loop's preloaded, normalised tensors (no augmentation,
+  no DataLoader): arcfold - this = the data path.
+* ``arcfold-preloaded-nonorm``: as above with ``torch.nn.utils.get_total_norm`` replaced by a constant finite tensor
+  for the duration of the round (fp32 without clipping computes the gradient norm only to check it is finite):
+  the difference = the per-step gradient-norm check.
+* ``bare``: ``loss = head(model(x), y); zero_grad; backward; step`` on the preloaded tensors (as bench_train).
+
+Loops alternate over ``--rounds`` rounds (order reversed every round); ratios are medians of per-round ratios to the
+bare loop. Then one epoch of ``arcfold`` runs under cProfile and under ``torch.profiler`` (CPU ops), and the
+top entries are printed and saved. Run from the project root (needs ``../shared/data/omniglot``)::
+
+    python benchmarks/profile_train.py [--rounds 8] [--round-batches 8] [--profile-batches 56]
+
+Writes ``benchmarks/results/profile_train.json`` (and the profile tables as text in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_common import RESULTS, cuda_available, machine  # noqa: E402
+from bench_train import arcfold_round, bare_round, preload, setup  # noqa: E402
+
+NAME = "profile_train"
+
+
+def preloaded_loader(x: torch.Tensor, y: torch.Tensor, bs: int, batches: int):
+    order = torch.randperm(len(x))
+    return [(x[order[b * bs : (b + 1) * bs]], y[order[b * bs : (b + 1) * bs]]) for b in range(batches)]
+
+
+def arcfold_on(s: dict, loader, batches: int) -> float:
+    """Images/s of the unmodified ``_train_one_epoch`` fed ``loader``."""
+    from arcfold.train import _train_one_epoch
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(s["optimizer"], lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    params = [p for g in s["optimizer"].param_groups for p in g["params"]]
+    stats = _train_one_epoch(
+        s["cfg"], s["model"], s["head"], loader, batches, s["optimizer"], scheduler, scaler, params,
+        torch.device("cpu"), None, 1,
+    )  # fmt: skip
+    return stats["train_images_per_s"]
+
+
+def no_norm_round(s: dict, x: torch.Tensor, y: torch.Tensor, batches: int) -> float:
+    original = torch.nn.utils.get_total_norm
+    torch.nn.utils.get_total_norm = lambda *args, **kwargs: torch.zeros(())
+    try:
+        return arcfold_on(s, preloaded_loader(x, y, s["cfg"].train.batch_size, batches), batches)
+    finally:
+        torch.nn.utils.get_total_norm = original
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--round-batches", type=int, default=8)
+    p.add_argument("--profile-batches", type=int, default=56, help="one epoch of fold 0 at batch 64 is 56 batches")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    a = p.parse_args()
+
+    cuda_available(NAME)
+    torch.set_num_threads(a.threads)
+    s = setup()
+    cfg = s["cfg"]
+    assert cfg.train.grad_clip == 0 and cfg.train.accum_steps == 1, "the no-norm ablation assumes fp32, no clipping"
+    x, y = preload(s)
+    for i in range(len(s["dataset"])):  # fill the image cache before any timing
+        s["dataset"][i]
+    bs, nb = cfg.train.batch_size, a.round_batches
+    loops = {
+        "arcfold": lambda: arcfold_round(s, nb),
+        "arcfold-preloaded": lambda: arcfold_on(s, preloaded_loader(x, y, bs, nb), nb),
+        "arcfold-preloaded-nonorm": lambda: no_norm_round(s, x, y, nb),
+        "bare": lambda: bare_round(s, x, y, nb),
+    }
+    for fn in loops.values():
+        fn()  # warm-up
+    rates: dict[str, list[float]] = {k: [] for k in loops}
+    order = list(loops)
+    for r in range(a.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            rates[name].append(loops[name]())
+        print(f"[{NAME}] round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " img/s", flush=True)
+    ratios = {k: float(np.median([o / b for o, b in zip(v, rates["bare"], strict=True)])) for k, v in rates.items()}
+    ms = {k: 1000 * bs / float(np.median(v)) for k, v in rates.items()}
+    print(f"[{NAME}] median per-round ratios to bare: {ratios}", flush=True)
+
+    # one epoch under cProfile (Python-level: where the non-model time is) ...
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    arcfold_round(s, a.profile_batches)
+    prof.disable()
+    cprofile_s = time.perf_counter() - t0
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(35)
+    cprofile_text = out.getvalue()
+    # ... and under torch.profiler (op-level), against the bare loop on the same number of batches
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, fn in (("arcfold", lambda: arcfold_round(s, a.profile_batches)),
+                     ("bare", lambda: bare_round(s, x, y, a.profile_batches))):  # fmt: skip
+        with profile(activities=[ProfilerActivity.CPU]) as tp:
+            fn()
+        tables[name] = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        totals = {e.key: e.self_cpu_time_total for e in tp.key_averages()}
+        tables[name + "_self_ms_per_batch"] = {
+            k: v / 1000 / a.profile_batches for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:40]
+        }
+    payload = {
+        "machine": machine(),
+        "load_average_at_end": list(os.getloadavg()),
+        "torch_threads": a.threads,
+        "rounds": a.rounds,
+        "round_batches": nb,
+        "batch_size": bs,
+        "images_per_s": rates,
+        "median_ratio_to_bare": ratios,
+        "median_ms_per_batch": ms,
+        "profile_batches": a.profile_batches,
+        "cprofile_seconds": cprofile_s,
+        "cprofile_top_cumulative": cprofile_text,
+        "torch_profiler": tables,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(cprofile_text[:6000])
+    print(tables["arcfold"])
+    print(tables["bare"])
+
+
+if __name__ == "__main__":
+    main()
