@@ -251,6 +251,14 @@ def _fold_worker(rank: int, world_size: int, port: int, overrides: list[str], ou
         return wrapper
 
     arcfold.train.build_head = recorded(arcfold.train.build_head)
+    pair_forward = arcfold.train._GlobalPairLoss.forward  # pair/proxy losses under DDP bypass head.forward
+
+    def recording_pair_forward(self, embeddings, labels):
+        loss = pair_forward(self, embeddings, labels)
+        record["losses"].append(loss.item())
+        return loss
+
+    arcfold.train._GlobalPairLoss.forward = recording_pair_forward
     arcfold.train.build_sharded_head = recorded(arcfold.train.build_sharded_head)
     writers = ["save_torch", "save_npz", "save_json", "save_text", "save_history", "atomic_path", "file_lock"]
 
@@ -352,6 +360,21 @@ def test_sharded_head_matches_one_process(spawned_single, tmp_path, glyphs_input
     torch.testing.assert_close(rows, single["head"]["weight"], atol=1e-5, rtol=1e-4)
 
 
+def test_proxy_loss_sees_the_global_batch_and_matches_one_process(tmp_path, glyphs_input):
+    """Proxy Anchor (PML) through DistributedLossWrapper: the loss of the all-gathered batch on every rank, the
+    embeddings' gradient scaled so that DDP's average gives the backbone the single-process gradient and the
+    proxies theirs (a wrong factor on either shows in the losses of the later steps)."""
+    extra = ["head.name=proxy_anchor", "optim.head_lr=0.01"]
+    (single,) = _run_fold(tmp_path / "single", glyphs_input, 1, *extra)
+    ranks = _run_fold(tmp_path / "ddp", glyphs_input, 2, *extra)
+    for r in ranks:  # the wrapped loss is the global batch's, the same on both ranks
+        np.testing.assert_allclose(r["losses"], ranks[0]["losses"], rtol=1e-6)
+    _assert_same_training(single, ranks, "proxy_anchor (DistributedLossWrapper)")
+    for key, value in ranks[0]["head"].items():  # the proxies, trained inside DDP
+        assert torch.equal(value, ranks[1]["head"][key]), key
+        torch.testing.assert_close(value, single["head"][key], atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # through the real CLI: train_fold.sh under torchrun
 
@@ -375,7 +398,8 @@ def test_train_fold_sh_under_torchrun_matches_one_process_and_resumes(tmp_path, 
     assert single.returncode == 0, single.stderr[-3000:]
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     print(f"train_fold.sh: 1 process {t1 - t0:.1f} s, 2 processes (torchrun) {t2 - t1:.1f} s")
-    assert ddp.stdout.count("recall@1") == single.stdout.count("recall@1") == 1  # scored once, by one process
+    table = "leave-one-out retrieval on each held-out fold"
+    assert ddp.stdout.count(table) == single.stdout.count(table) == 1  # scored once, by one process
 
     h_single = pd.read_csv(tmp_path / "single" / "models" / "cli" / "fold0" / "history.csv")
     h_ddp = pd.read_csv(tmp_path / "ddp" / "models" / "cli" / "fold0" / "history.csv")
