@@ -39,8 +39,6 @@ from arcfold.io import load_json, load_npz
 
 from .conftest import REPO, tmp_path_overrides
 
-pytestmark = pytest.mark.slow
-
 SPAWN_TIMEOUT_S = 300
 LOSS_RTOL = 1e-4
 EMBEDDING_ATOL = 1e-4
@@ -141,6 +139,35 @@ def test_sharded_batches_must_split_evenly():
         ShardedBatchSampler([[0, 1, 2, 3]], rank=0, world_size=3)
 
 
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        (["train.batch_size=30"], 4, "train.batch_size=30 is the global batch and must split evenly over the 4"),
+        (["train.batch_size=32", "sampler.m_per_class=16"], 4, "8 per process, not a multiple of .*m_per_class=16"),
+        (["train.sync_bn=true"], 2, "train.sync_bn=true needs CUDA"),
+    ],
+)
+def test_distributed_settings_the_config_alone_cannot_check_are_config_errors(overrides, world_size, message):
+    from arcfold.config import ConfigError, load_config
+    from arcfold.distributed import DistContext
+    from arcfold.train import _check_distributed_config
+
+    cfg = load_config(None, overrides)
+    _check_distributed_config(cfg, DistContext(0, 1), torch.device("cpu"))  # one process: fine
+    with pytest.raises(ConfigError, match=message):
+        _check_distributed_config(cfg, DistContext(0, world_size), torch.device("cpu"))
+
+
+def test_sharded_head_takes_only_the_margin_heads_it_supports():
+    from arcfold.config import ConfigError, load_config
+
+    load_config(None, ["head.sharded=true", "head.name=cosface"])
+    with pytest.raises(ConfigError, match="head.sharded=true supports head.name=arcface or cosface.*subcenter_arcface"):
+        load_config(None, ["head.sharded=true", "head.name=subcenter_arcface"])
+    with pytest.raises(ConfigError, match="not head.dynamic_margin=power"):
+        load_config(None, ["head.sharded=true", "head.dynamic_margin=power"])
+
+
 # --------------------------------------------------------------------------------------------
 # the loop's collectives: gathered rows, no_sync on accumulation steps, head kept in sync
 
@@ -207,6 +234,7 @@ def _loop_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         )
 
 
+@pytest.mark.slow
 def test_loop_gathers_rows_in_order_skips_allreduce_on_accumulation_steps_and_keeps_heads_equal(tmp_path):
     _spawn(_loop_worker, 2, str(tmp_path))
     for rank in range(2):
@@ -327,6 +355,7 @@ def _assert_same_training(single_out: dict, ranks_out: list[dict], what: str) ->
     assert ranks_out[1]["scores"] == ranks_out[0]["scores"]  # every rank returns rank 0's scores
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_at_equal_global_batch(spawned_single, tmp_path, glyphs_input):
     single_root, (single,) = spawned_single
     ddp_root = tmp_path / "single"  # the same name, so the two file trees compare directly
@@ -350,6 +379,7 @@ def test_two_processes_match_one_at_equal_global_batch(spawned_single, tmp_path,
     assert _files(ddp_root) == _files(single_root)
 
 
+@pytest.mark.slow
 def test_sharded_head_matches_one_process(spawned_single, tmp_path, glyphs_input):
     pytest.importorskip("arcfold.models.partial_fc")
     _, (single,) = spawned_single
@@ -360,6 +390,7 @@ def test_sharded_head_matches_one_process(spawned_single, tmp_path, glyphs_input
     torch.testing.assert_close(rows, single["head"]["weight"], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_proxy_loss_sees_the_global_batch_and_matches_one_process(tmp_path, glyphs_input):
     """Proxy Anchor (PML) through DistributedLossWrapper: the loss of the all-gathered batch on every rank, the
     embeddings' gradient scaled so that DDP's average gives the backbone the single-process gradient and the
@@ -389,6 +420,7 @@ def _cli(root: Path, glyphs_input: Path, nproc: int | None, *extra: str, env_ext
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
 
 
+@pytest.mark.slow
 def test_train_fold_sh_under_torchrun_matches_one_process_and_resumes(tmp_path, glyphs_input):
     t0 = time.time()
     single = _cli(tmp_path / "single", glyphs_input, None)
@@ -453,6 +485,7 @@ def _crash_worker(rank: int, world_size: int, port: int, overrides: list[str], o
     Path(out_dir, f"crash_rank{rank}.txt").write_text(outcome)
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_makes_the_other_fail_instead_of_hanging(tmp_path, glyphs_input):
     """Without torchrun (which would stop the survivor itself): rank 1 dies mid-epoch while rank 0 waits for it
     in a collective; rank 0 fails within seconds (gloo sees the closed connection), long before the 120 s
