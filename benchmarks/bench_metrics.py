@@ -19,7 +19,9 @@ whose label has no other member ("lone" queries in PML) and keep it in the galle
 ``--queries Q`` scores a seeded random sample of Q item indices as queries against the whole set (the gallery is
 still all N items; singletons in the sample are not queries, in both): arcfold through
 ``retrieval_metrics(..., query_subset=sample)``, PML through ``get_accuracy(x[sample], y[sample], reference=x,
-reference_labels=y, ref_includes_query=True)``. Each query's Recall@K / AP@R is exactly what the full run gives it,
+reference_labels=y, ref_includes_query=True)`` with the reference reordered so that the sample comes first (PML's
+requirement; leave-one-out metrics do not depend on the gallery's order, ties apart). Each query's Recall@K / AP@R is
+exactly what the full run gives it,
 and the work is linear in the number of queries, so the full run's time is projected as seconds x (all queries /
 sampled queries); memory is measured, not projected (it does not grow with the queries). This is how 1M x 128
 (10^12 pairs in full) is measured here.
@@ -74,6 +76,12 @@ def worker(args: dict) -> dict:
     sample = None
     if args.get("queries"):
         sample = np.sort(np.random.default_rng(1).choice(args["n"], size=args["queries"], replace=False))
+    ref, ref_y = x, y
+    if sample is not None and args["impl"] == "pml":
+        # PML wants the queries first in the reference: the same items, reordered (before the clock)
+        order = np.concatenate([sample, np.setdiff1d(np.arange(len(y)), sample)])
+        ref, ref_y = x[order], y[order]
+        del x
     base = peak_rss_mib()
     t0 = time.perf_counter()
     if args["impl"] == "arcfold":
@@ -92,8 +100,8 @@ def worker(args: dict) -> dict:
             device=torch.device("cpu"),
             knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP),
         )
-        q, qy = (x, y) if sample is None else (x[sample], y[sample])
-        r = calc.get_accuracy(q, qy, reference=x, reference_labels=y, ref_includes_query=True)
+        q, qy = (ref, ref_y) if sample is None else (ref[: len(sample)], ref_y[: len(sample)])
+        r = calc.get_accuracy(q, qy, reference=ref, reference_labels=ref_y, ref_includes_query=True)
         out = {"recall@1": float(r["precision_at_1"]), "map@r": float(r["mean_average_precision_at_r"])}
     seconds = time.perf_counter() - t0
     peak = peak_rss_mib()

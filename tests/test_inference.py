@@ -124,10 +124,14 @@ def test_uint8_views_normalised_on_the_device_equal_the_eval_transform(glyphs_in
                 for p in paths
             ]
         )
-        assert torch.equal(normalise(batch[size]), want)
+        assert torch.equal(normalise(batch[size]), want)  # numpy, as the loader does it on the CPU
+        x = batch[size].to(torch.float32, copy=True).sub_(normalise.mean).mul_(normalise.scale)  # torch, as on CUDA
+        assert torch.equal(x, want)
         normalise.exact_affine = False  # the table lookup, used when the affine form would not be exact
         assert torch.equal(normalise(batch[size]), want)
         normalise.exact_affine = True
+    collated = _collate_views([dataset[i] for i in range(len(paths))], normalise)
+    assert collated[48].dtype == torch.float32 and torch.equal(collated[48], normalise(batch[48]))
 
 
 def test_prefetch_thread_hands_over_errors_and_stops_with_its_consumer() -> None:
