@@ -222,7 +222,8 @@ def markdown(rows: list[dict], m: dict, commands: list[str]) -> str:
             if row.get("queries"):
                 size += f", sample of {row['queries']}"
             if "error" in r:
-                lines.append(f"| {size} | {impl} | {r['error'][:80]} | | | | | | |")
+                last = r["error"].strip().splitlines()[-1]  # the exception's message, e.g. an allocation failure
+                lines.append(f"| {size} | {impl} | failed: {last[:160]} | | | | | | |")
                 continue
             diff = f"{row['max_abs_diff']:.1e}" if "max_abs_diff" in row and impl == "arcfold" else ""
             ratio = f"{row['time_ratio_pml_over_arcfold']:.2f}" if "max_abs_diff" in row and impl == "arcfold" else ""

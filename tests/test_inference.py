@@ -186,7 +186,7 @@ def test_prefetch_thread_and_worker_processes_give_the_same_embeddings(trained, 
     tta = TTAConfig(hflip=True, scales=[1.0, 1.5])
     runs = [
         embed_images(ensemble, paths, tta=tta, batch_size=16, progress=False, **kw)
-        for kw in ({}, {"prefetch": False}, {"num_workers": 1})
+        for kw in ({}, {"prefetch": True}, {"num_workers": 1})
     ]
     np.testing.assert_array_equal(runs[0], runs[1])
     np.testing.assert_array_equal(runs[0], runs[2])

@@ -138,8 +138,8 @@ class InferenceConfig:
     out_dir: str = "submissions"
     save_embeddings: bool = False
     batch_size: int = 128
-    # DataLoader worker processes decoding images; 0: a background thread of the main process decodes ahead of the
-    # model; null (auto): 0 on the CPU (the model keeps every core busy), min(4, cpus - 1) on CUDA (the CPU is free)
+    # DataLoader worker processes decoding images; 0: the main process decodes between batches; null (auto): 0 on the
+    # CPU (the model keeps every core busy), min(4, cpus - 1) on CUDA (the CPU is free while the GPU computes)
     num_workers: int | None = None
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (fp16 on CUDA) | bf16 | off
@@ -387,9 +387,9 @@ class _Normalise:
 def _prefetch(iterable, depth: int = 2):
     """Yield ``iterable``'s items, produced by a background thread up to ``depth`` items ahead.
 
-    With ``num_workers=0`` this overlaps decoding (OpenCV releases the GIL) with the model's forward pass in the
-    main thread. An exception in the producer is raised here, in the consumer; a consumer that stops early (or
-    raises) stops the producer at its next item.
+    ``embed_images(prefetch=True)`` with ``num_workers=0``: overlaps decoding (OpenCV releases the GIL) with the
+    model's forward pass in the main thread, when a core is free for it. An exception in the producer is raised
+    here, in the consumer; a consumer that stops early (or raises) stops the producer at its next item.
     """
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -432,9 +432,9 @@ def _prefetch(iterable, depth: int = 2):
 def resolve_num_workers(num_workers: int | None, device: torch.device) -> int:
     """``num_workers``, or for ``None`` (auto): 0 on the CPU, ``min(4, cpus - 1)`` on CUDA.
 
-    On the CPU the model's forward pass already uses every core: worker processes compete with it, and the
-    background prefetch thread of ``num_workers=0`` overlaps decoding at less cost (``BENCHMARKS.md``, extraction).
-    On CUDA the CPU is idle while the GPU computes, so decoding in parallel processes pays.
+    On the CPU the model's forward pass already uses every core: worker processes (or a prefetch thread) compete
+    with it, and decoding between batches measured best (``BENCHMARKS.md``, extraction). On CUDA the CPU is idle
+    while the GPU computes, so decoding in parallel processes pays (not measured here: no GPU).
     """
     if num_workers is not None:
         return num_workers
@@ -455,16 +455,19 @@ def embed_images(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
-    prefetch: bool = True,
+    prefetch: bool = False,
     progress: bool = True,
     desc: str = "embedding",
 ) -> np.ndarray:
     """The ensemble's embedding of every image: (N, D) float32, unit norm (see the module doc for the combination).
 
-    Input preparation overlaps the model: ``num_workers > 0`` decodes in DataLoader worker processes; with
-    ``num_workers=0`` and ``prefetch`` (the default) a background thread decodes the next batches while the main
-    thread runs the model. On CUDA batches travel as uint8 (pinned) and are normalised on the GPU; on the CPU the
-    loader normalises them in numpy. Either way the values equal the eval transform's bit for bit.
+    ``num_workers > 0`` decodes in DataLoader worker processes (on CUDA: the CPU is free while the GPU computes).
+    ``num_workers=0`` decodes in the main thread between batches, or with ``prefetch=True`` in a background thread
+    that decodes the next batches while the model runs: only worth it with a spare core, since the thread competes
+    with torch's threads (and for the GIL): on the 2-core benchmark VM it cost 4 points of throughput (0.948x vs
+    0.987x the bare loop, ``BENCHMARKS.md``), so it is off by default. On CUDA batches travel as uint8 (pinned) and
+    are normalised on the GPU; on the CPU the loader normalises them in numpy. Either way the values equal the eval
+    transform's bit for bit.
     """
     from arcfold.blend import blend_embeddings
 
