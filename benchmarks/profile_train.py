@@ -11,6 +11,11 @@ outside, so every difference between two loops is one thing:
   a constant finite tensor for the duration of the round (the config clips at ``train.grad_clip=5``; fp32 computes
   the total gradient norm every step to clip and to check it is finite): the difference = clipping + the norm
   check. (The bare loop does neither.)
+* ``arcfold-proposed``: the two changes proposed for ``train.py`` in ``/work/notes/train_speed.md``, applied from
+  outside: (a) the DataLoader's transform stops before ``Normalize``/``ToTensorV2`` (uint8 (H, W, 3) per image) and
+  the collate function stacks the batch and normalises it at once in numpy (the values are the same: normalising
+  is pointwise, after the augmentation), (b) ``clip_grad_norm_`` computes the norm and scales the gradients only
+  when it exceeds ``grad_clip`` (the stock function always multiplies, by min(1, clip / norm)).
 * ``bare``: ``loss = head(model(x), y); zero_grad; backward; step`` on the preloaded tensors (as bench_train).
 
 Loops alternate over ``--rounds`` rounds (order reversed every round); ratios are medians of per-round ratios to the
@@ -73,6 +78,57 @@ def no_norm_round(s: dict, x: torch.Tensor, y: torch.Tensor, batches: int) -> fl
         torch.nn.utils.get_total_norm, torch.nn.utils.clip_grad_norm_ = originals
 
 
+def conditional_clip(parameters, max_norm: float, *args, **kwargs) -> torch.Tensor:
+    """``clip_grad_norm_`` that scales the gradients only when the norm exceeds ``max_norm`` (same result)."""
+    parameters = list(parameters)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if norm > max_norm:  # a host sync on CUDA (the guard syncs on the norm anyway); free on the CPU
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
+
+
+def uint8_loader(s: dict):
+    """The real data path, with the per-image normalisation moved to one numpy pass per batch (same values)."""
+    import albumentations as A
+    from torch.utils.data import DataLoader
+
+    from arcfold.data.transforms import AUGMENT_PRESETS
+    from arcfold.infer import _Normalise
+
+    cfg, size = s["cfg"], s["cfg"].data.image_size
+    steps = AUGMENT_PRESETS[cfg.data.augment](size)
+    if cfg.data.hflip > 0:
+        steps.append(A.HorizontalFlip(p=cfg.data.hflip))
+    dataset = s["dataset"]
+    normalise = _Normalise(torch.device("cpu"))
+
+    class Uint8View(torch.utils.data.Dataset):
+        transform = A.Compose([*steps, A.Resize(size, size)], seed=0)
+
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, index: int):
+            return self.transform(image=dataset.load(index))["image"], int(dataset.labels[index])
+
+    def collate(items):
+        x = torch.from_numpy(np.ascontiguousarray(np.stack([im for im, _ in items]).transpose(0, 3, 1, 2)))
+        return normalise(x), torch.tensor([y for _, y in items])
+
+    return DataLoader(
+        Uint8View(), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, num_workers=0, collate_fn=collate
+    )
+
+
+def proposed_round(s: dict, batches: int) -> float:
+    original = torch.nn.utils.clip_grad_norm_
+    torch.nn.utils.clip_grad_norm_ = conditional_clip
+    try:
+        return arcfold_on(s, uint8_loader(s), batches)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=8)
@@ -94,6 +150,7 @@ def main() -> None:
         "arcfold": lambda: arcfold_round(s, nb),
         "arcfold-preloaded": lambda: arcfold_on(s, preloaded_loader(x, y, bs, nb), nb),
         "arcfold-preloaded-nonorm": lambda: no_norm_round(s, x, y, nb),
+        "arcfold-proposed": lambda: proposed_round(s, nb),
         "bare": lambda: bare_round(s, x, y, nb),
     }
     for fn in loops.values():
