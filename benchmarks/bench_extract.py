@@ -238,7 +238,7 @@ def markdown(pl: dict, a: argparse.Namespace) -> str:
         "Where the time goes, ms per image, each stage timed alone in one thread on the same images; model = the bare "
         "loop's best round:",
         "",
-        "| decode (imread + RGB) | resize + uint8 view | collate (uint8) | normalise (batched, on device) "
+        "| decode (imread + RGB) | resize + uint8 view | collate (uint8) | normalise (per batch; numpy on the CPU) "
         "| former per-image albumentations normalise | model |",
         "|---|---|---|---|---|---|",
         f"| {pr['decode_ms_per_image']:.3f} | {pr['resize_view_ms_per_image']:.3f} | {pr['collate_ms_per_image']:.3f} "
