@@ -310,8 +310,8 @@ def load_ensemble(cfg: InferenceConfig, device: torch.device) -> Ensemble:
 class _MultiSizeDataset(Dataset):
     """Decodes each image once and returns it resized to every size needed: ``{size: (3, size, size) uint8 array}``.
 
-    Normalisation is left to :class:`_Normalise`, on the batch and on the model's device: uint8 moves a quarter of
-    the bytes (to the GPU, and between DataLoader workers), and the per-image float work leaves the loader.
+    Normalisation is left to :class:`_Normalise`, once per batch (in the loader on the CPU, on the GPU under CUDA):
+    uint8 moves a quarter of the bytes (to the GPU, between DataLoader workers), and per-image float work goes.
     """
 
     def __init__(self, paths: Sequence[str], sizes: Sequence[int]) -> None:
@@ -464,8 +464,8 @@ def embed_images(
     ``num_workers > 0`` decodes in DataLoader worker processes (on CUDA: the CPU is free while the GPU computes).
     ``num_workers=0`` decodes in the main thread between batches, or with ``prefetch=True`` in a background thread
     that decodes the next batches while the model runs: only worth it with a spare core, since the thread competes
-    with torch's threads (and for the GIL): on the 2-core benchmark VM it cost 4 points of throughput (0.948x vs
-    0.987x the bare loop, ``BENCHMARKS.md``), so it is off by default. On CUDA batches travel as uint8 (pinned) and
+    with torch's threads (and for the GIL): on the 2-core benchmark VM it cost 3-4 points of throughput (0.94x vs
+    0.97-0.99x the bare loop, ``BENCHMARKS.md``), so it is off by default. On CUDA batches travel as uint8 (pinned) and
     are normalised on the GPU; on the CPU the loader normalises them in numpy. Either way the values equal the eval
     transform's bit for bit.
     """
