@@ -17,9 +17,9 @@ Index kinds (``INDEX_KINDS``)
         would subsample that much anyway). Vectors are stored uncompressed, so returned similarities are exact; only
         the candidate set is approximate. ``nprobe`` lists are visited per query (at most ``nlist``); by default a
         quarter of them (:func:`default_nprobe`, at least 16), which reaches recall@10 >= 0.95 against exact search
-        on the clustered benchmark vectors of ``BENCHMARKS.md`` (0.96-0.97 at 10k and 100k). That scans about a
-        quarter of the gallery: on real, better-separated embeddings a much smaller ``nprobe`` often suffices (measure
-        it on the OOF embeddings), and HNSW meets the same recall at its defaults for less time.
+        on the clustered benchmark vectors of ``BENCHMARKS.md`` (0.965 / 0.962 / 0.960 at 10k / 100k / 1M). That
+        scans about a quarter of the gallery (no faster than faiss exact on the benchmark CPU): on real,
+        better-separated embeddings a much smaller ``nprobe`` often suffices (measure it on the OOF embeddings).
     ``"hnsw"``
         faiss ``IndexHNSWFlat(D, hnsw_m, METRIC_INNER_PRODUCT)`` searched with ``efSearch = max(ef_search, k)``.
         Always built and searched on the CPU: faiss has no GPU HNSW.
@@ -215,8 +215,8 @@ def default_nprobe(nlist: int) -> int:
     """A quarter of the ``nlist`` inverted lists, at least 16 (and at most ``nlist``): recall@10 >= 0.95 by default.
 
     Measured on the near-isotropic clustered vectors of ``benchmarks/bench_search.py`` (noise 0.8) with
-    :func:`default_nlist` lists: nlist/4 gave 0.965 at 10k (64 of 256) and 0.962 at 100k (316 of 1265), nlist/5
-    0.953 and 0.949.
+    :func:`default_nlist` lists: nlist/4 gave 0.965 at 10k (64 of 256), 0.962 at 100k (317 of 1265) and 0.960 at 1M
+    (1000 of 4000); nlist/5 gave 0.953 and 0.949.
 
     >>> default_nprobe(1265), default_nprobe(256), default_nprobe(40), default_nprobe(8)
     (317, 64, 16, 8)
