@@ -10,7 +10,7 @@ import torch
 from arcfold.config import load_config
 from arcfold.models.embedding import build_model
 from arcfold.models.heads import build_head
-from arcfold.train import _train_one_epoch, amp_dtype_for, build_optimizer, lr_factor
+from arcfold.train import _train_one_epoch, amp_dtype_for, build_optimizer, clip_grad_norm_if_needed_, lr_factor
 
 from .conftest import TINY
 
@@ -130,3 +130,33 @@ def test_pair_loss_parameters_train_at_the_head_learning_rate():
     stats = _epoch(cfg, model, head, optimizer, scheduler, batches)
     assert math.isfinite(stats["train_loss"])
     assert all(not torch.equal(p, b) for p, b in zip(proxies, before, strict=True))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.5, 1.0, 1 + 1e-7, 3.0, float("inf"), float("nan")])
+def test_clipping_only_above_the_threshold_equals_clip_grad_norm(scale):
+    """The same gradients and norm as ``clip_grad_norm_`` (bit for bit), also right at and around the threshold."""
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5), torch.randn(11), torch.randn(3, 2, 2)]
+    clip = float(torch.nn.utils.get_total_norm(grads))  # scale 1: the norm is exactly the threshold
+    grads = [g * scale for g in grads]
+
+    def params() -> list[torch.nn.Parameter]:
+        ps = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads] + [torch.nn.Parameter(torch.zeros(2))]
+        for p, g in zip(ps, grads, strict=False):
+            p.grad = g.clone()  # the last parameter has no gradient
+        return ps
+
+    stock, ours = params(), params()
+    norm_stock = torch.nn.utils.clip_grad_norm_(stock, clip)
+    norm_ours = clip_grad_norm_if_needed_(ours, clip)
+    torch.testing.assert_close(norm_ours, norm_stock, rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(stock[:-1], ours[:-1], strict=True):
+        if math.isnan(scale) or math.isinf(scale):  # a skipped step: only the norm's verdict matters
+            assert not torch.isfinite(norm_ours)
+        else:
+            assert torch.equal(a.grad, b.grad)
+    assert ours[-1].grad is None
+    if 0 < scale < 1:
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads, strict=False))  # untouched: no multiply
+    if scale == 3.0:
+        assert not torch.equal(ours[0].grad, grads[0])  # clipped

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from arcfold.config import ConfigError, load_structured
 from arcfold.data.dataset import read_image
 from arcfold.data.table import DataValidationError, _raise_problems, _where, read_csv
-from arcfold.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from arcfold.data.transforms import BatchNormalise as _Normalise  # shared with training's loader
 
 log = logging.getLogger(__name__)
 
@@ -345,43 +345,6 @@ def _collate_views(items: list[dict[int, np.ndarray]], normalise: _Normalise | N
     """
     batch = {size: torch.from_numpy(np.stack([item[size] for item in items])) for size in items[0]}
     return batch if normalise is None else {size: normalise(x) for size, x in batch.items()}
-
-
-class _Normalise:
-    """The eval transform's normalisation of a uint8 batch: bit-identical to the transform.
-
-    The per-channel value of each of the 256 levels is read off :func:`build_eval_transform` itself (a ramp image
-    through it) into a (3, 256) table. A batch is ``(x - mean) * scale`` in float32 when that reproduces the table
-    exactly on all 256 levels (it does for the ImageNet constants), else a lookup in the table. CPU tensors are
-    normalised in numpy: single-threaded, so the loader can do it (see :func:`embed_images`) and a small elementwise
-    op never waits on torch's thread pool, which stalls when other processes hold the cores (measured 0.25 ms per
-    64 px image with 2 torch threads on a loaded 2-core VM, 0.002 ms in numpy).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        ramp = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)  # (16, 16, 3)
-        table = build_eval_transform(16)(image=ramp)["image"].reshape(3, 256)  # (3, 256) float32, no resize at 16
-        self.mean_np = (np.asarray(IMAGENET_MEAN, dtype=np.float32) * np.float32(255)).reshape(1, 3, 1, 1)
-        self.scale_np = (1 / (np.asarray(IMAGENET_STD, dtype=np.float32) * np.float32(255))).reshape(1, 3, 1, 1)
-        self.mean, self.scale = torch.from_numpy(self.mean_np).to(device), torch.from_numpy(self.scale_np).to(device)
-        levels = torch.arange(256, dtype=torch.uint8).expand(3, 256).reshape(1, 3, 16, 16)
-        self.table = table.reshape(-1).to(device)  # (3 * 256,)
-        self.offsets = (torch.arange(3, device=device) * 256).view(1, 3, 1, 1)
-        self.exact_affine = True
-        self.exact_affine = torch.equal(self(levels).reshape(3, 256), table) and (
-            device.type == "cpu" or torch.equal(self(levels.to(device)).cpu().reshape(3, 256), table)
-        )
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> (B, 3, H, W) float32, on ``x``'s device."""
-        if not self.exact_affine:
-            return self.table.to(x.device).take(x.long() + self.offsets.to(x.device))
-        if x.device.type == "cpu":
-            out = x.numpy().astype(np.float32)  # a new array; then in place
-            out -= self.mean_np
-            out *= self.scale_np
-            return torch.from_numpy(out)
-        return x.to(torch.float32, copy=True).sub_(self.mean).mul_(self.scale)
 
 
 def _prefetch(iterable, depth: int = 2):

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import shutil
@@ -82,7 +83,7 @@ from arcfold.data.table import (
     image_root,
     resolve_image_paths,
 )
-from arcfold.data.transforms import build_eval_transform, build_train_transform
+from arcfold.data.transforms import BatchNormalise, build_eval_transform, build_train_transform, collate_uint8
 from arcfold.distributed import (
     DistContext,
     dist_context,
@@ -557,7 +558,8 @@ def _train_fold(
     seed_everything(base_seed)
 
     size = cfg.data.image_size
-    train_tf = build_train_transform(cfg.data.augment, size, cfg.data.hflip, seed=base_seed)
+    # uint8 out of the augmentation; the loader (CPU) or the device (CUDA) normalises whole batches
+    train_tf = build_train_transform(cfg.data.augment, size, cfg.data.hflip, seed=base_seed, normalise=False)
     cache = cfg.data.cache_images
     train_ds = ImageDataset(
         resolve_image_paths(train_df, root),
@@ -633,6 +635,7 @@ def _train_fold(
         log.info("resuming fold %d from epoch %d (best so far: epoch %d)", fold, start_epoch, best["epoch"])
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    collate, device_normalise = build_train_collate(device)
     ddp = build_ddp(cfg, model, head, ctx, device) if ctx.enabled else None
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_seed = base_seed * 1000 + epoch  # each epoch reproducible on its own, so resume replays it exactly
@@ -651,6 +654,7 @@ def _train_fold(
             **batching,
             drop_last=not ctx.enabled,  # (a batch_sampler makes whole batches itself)
             num_workers=cfg.data.num_workers,
+            collate_fn=collate,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed),
             worker_init_fn=lambda worker_id, s=aug_seed: train_tf.set_random_seed(s + 1 + worker_id),
@@ -658,7 +662,7 @@ def _train_fold(
         )
         train_stats = _train_one_epoch(
             cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch, guard,
-            ddp=ddp, ctx=ctx, sharded_params=list(head.parameters()) if sharded else None,
+            ddp=ddp, ctx=ctx, sharded_params=list(head.parameters()) if sharded else None, normalise=device_normalise,
         )  # fmt: skip
 
         t0 = time.time()
@@ -807,6 +811,38 @@ def _sharded_optimizer_state(ckpt: dict[str, Any], ctx: DistContext, source: Pat
     return states[ctx.rank]
 
 
+def build_train_collate(device: torch.device) -> tuple[Callable, BatchNormalise | None]:
+    """The training loader's ``collate_fn`` for uint8 images (``build_train_transform(..., normalise=False)``) and
+    the normalisation left to the device (``None`` on the CPU).
+
+    CPU: the loader stacks and normalises each batch in one numpy pass (float32 out, as ``Normalize ->
+    ToTensorV2`` per image gave, bit for bit). CUDA: the loader hands over uint8 (a quarter of the bytes over
+    PCIe) and :func:`_train_one_epoch` normalises on the device after the transfer.
+    """
+    normalise = BatchNormalise(device)
+    if device.type == "cpu":
+        return functools.partial(collate_uint8, normalise=normalise), None
+    return collate_uint8, normalise
+
+
+def clip_grad_norm_if_needed_(
+    params: list[nn.Parameter], clip: float, norm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(params, clip)`` bit for bit, without its multiply when it is a no-op.
+
+    The stock function always multiplies every gradient by ``min(1, clip / (norm + 1e-6))``; when that factor is 1
+    (the norm is under the threshold, most steps of a normal run) the pass changes nothing and is skipped here.
+    The same factor decides, so the gradients are those of ``clip_grad_norm_`` exactly. Returns the total norm
+    (``norm`` when given: the sharded head's all-reduced one). The comparison reads the factor on the host: one
+    sync under CUDA, where the caller's ``isfinite(norm)`` check syncs anyway.
+    """
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if clip > 0 and bool(clip / (norm + 1e-6) < 1.0):  # a NaN norm compares False: nothing to scale
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
 def _train_one_epoch(
     cfg,
     model,
@@ -825,12 +861,14 @@ def _train_one_epoch(
     ddp: DistributedDataParallel | None = None,
     ctx: DistContext | None = None,
     sharded_params: list[nn.Parameter] | None = None,
+    normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; skips (and counts) non-finite steps, stops after ``guard.limit`` in a row.
 
     Several processes: ``ddp`` wraps a :class:`DistributedTrainStep` of ``model`` (and ``head``, unless it is
     sharded: then ``sharded_params`` are its parameters, different on every rank). The losses and images
-    counted are those of the global batch.
+    counted are those of the global batch. ``normalise``: applied to each image batch once it is on ``device``
+    (the uint8 batches of :func:`build_train_collate` under CUDA).
     """
     ctx = ctx or DistContext()
     model.train()
@@ -848,8 +886,10 @@ def _train_one_epoch(
         fault_point("train_batch")
         if warmup_epochs > 0:  # ramp the margin from 0 (hard margins can stall the first epochs)
             head.margin_factor = margin_warmup_factor(epoch + i / n_batches, warmup_epochs)
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True)  # (B, 3, H, W) float32, or uint8 when ``normalise`` is given
         labels = labels.to(device, non_blocking=True)
+        if normalise is not None:
+            images = normalise(images)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         need_update = (i + 1) == n_batches or (i + 1) % accum == 0
@@ -880,8 +920,7 @@ def _train_one_epoch(
                 norm = _sharded_grad_norm(params, sharded_params)
                 step_ok = bool(torch.isfinite(norm))  # the same on every rank (all-reduced)
                 if step_ok:
-                    if clip > 0:
-                        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+                    clip_grad_norm_if_needed_(params, clip, norm)
                     if scaler.is_enabled():
                         scaler.step(optimizer)  # no rank has an inf/NaN gradient here: none skips
                         scaler.update()
@@ -893,17 +932,14 @@ def _train_one_epoch(
             elif scaler.is_enabled():  # fp16: GradScaler skips the step itself when a gradient is inf/NaN
                 if clip > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, clip)
+                    clip_grad_norm_if_needed_(params, clip)
                 scale_before = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
                 step_ok = scaler.get_scale() >= scale_before  # the scale shrinks only after a skipped step
                 why = f"GradScaler found inf/NaN gradients at scale {scale_before:g}"
             else:  # fp32/bf16: a finite loss can still give inf/NaN gradients; never apply them
-                if clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                else:
-                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                norm = clip_grad_norm_if_needed_(params, clip)  # the total norm; clipped only above ``clip``
                 step_ok = bool(torch.isfinite(norm))
                 if step_ok:
                     optimizer.step()
