@@ -247,6 +247,18 @@ def markdown(pl: dict) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {labels.get(k, k)} | {ms[k]:.1f} | {ratios[k]:.3f} |" for k in ratios]
+    if "run2_partial" in pl:  # a second run, with the proposed loop, stopped early
+        rows = pl["run2_partial"]["images_per_s_per_round"]
+        lines += [
+            "",
+            f"A second run with the `arcfold-proposed` loop (real data path, batch normalised in numpy, clipping only "
+            f"above the threshold) was stopped after {len(rows)} rounds: other engineers' jobs took the cores "
+            "(rounds at 15-80 img/s instead of ~250). Its rounds, img/s (arcfold / proposed / bare): "
+            + ", ".join(f"{r['arcfold']:.0f} / {r['arcfold-proposed']:.0f} / {r['bare']:.0f}" for r in rows)
+            + ". Only round 0 ran undisturbed: the proposed changes gave no measurable gain there (within a round's "
+            "noise); their expected gain from the op-level profile is ~2 points (normalise ~0.5 ms + the clipping "
+            "`mul_` ~2.7 ms of ~250 ms per batch), unconfirmed.",
+        ]
     lines += [
         "",
         f"Op-level profile of one epoch ({pl['profile_batches']} batches, `torch.profiler`, self CPU ms per batch; "
