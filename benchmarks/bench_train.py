@@ -5,8 +5,9 @@ Linear-BN-PReLU, ArcFace head, AdamW, 64 px, batch 64, fold 0's training images)
 what ``train_fold.sh`` adds around the step:
 
 * arcfold: ``arcfold.train._train_one_epoch`` fed by ``ImageDataset(cache=True)`` (decoded, resized images cached
-  in memory), albumentations ``light`` augmentation and a DataLoader (``num_workers`` from the config), plus its
-  per-step guards (non-finite loss/gradient checks, margin warm-up, scheduler).
+  in memory), albumentations ``light`` augmentation on uint8 and a DataLoader (``num_workers`` from the config) whose
+  collate normalises each batch at once (``train.build_train_collate``, as ``train_fold`` builds it), plus its
+  per-step guards (non-finite loss/gradient checks, clipping above ``train.grad_clip``, margin warm-up, scheduler).
 * bare: ``loss = head(model(x), y); loss.backward(); optimizer.step()`` on (N, 3, 64, 64) float tensors decoded
   and normalised before the clock starts (no augmentation).
 
@@ -62,7 +63,7 @@ def setup(fold: int = 0) -> dict:
     from arcfold.models.embedding import build_model
     from arcfold.models.heads import build_head
     from arcfold.prepare import ensure_dataset
-    from arcfold.train import build_optimizer, seed_everything
+    from arcfold.train import build_optimizer, build_train_collate, seed_everything
 
     cfg = load_config(CONFIG, ["name=bench_train", "train.progress=false"])
     ensure_dataset(cfg)
@@ -73,7 +74,8 @@ def setup(fold: int = 0) -> dict:
     labels = np.searchsorted(classes, train_df[LABEL].to_numpy())
     size = cfg.data.image_size
     paths = resolve_image_paths(train_df, image_root(cfg.data))
-    transform = build_train_transform(cfg.data.augment, size, cfg.data.hflip, seed=0)
+    transform = build_train_transform(cfg.data.augment, size, cfg.data.hflip, seed=0, normalise=False)  # uint8
+    collate, _ = build_train_collate(torch.device("cpu"))  # stacks + normalises each batch in the loader
     dataset = ImageDataset(paths, labels, transform, cache=cfg.data.cache_images, cache_size=size, progress=False)
     seed_everything(0)
     model = build_model(cfg.model)
@@ -99,6 +101,7 @@ def setup(fold: int = 0) -> dict:
             shuffle=True,
             drop_last=True,
             num_workers=cfg.data.num_workers,
+            collate_fn=collate,
             persistent_workers=False,
         )
 

@@ -160,3 +160,25 @@ def test_clipping_only_above_the_threshold_equals_clip_grad_norm(scale):
         assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads, strict=False))  # untouched: no multiply
     if scale == 3.0:
         assert not torch.equal(ours[0].grad, grads[0])  # clipped
+
+
+def test_uint8_batches_normalised_on_the_device_train_like_float_batches():
+    """The CUDA data path (uint8 over the bus, ``normalise`` after ``.to(device)``), run on the CPU: the same
+    losses and weights as feeding the normalised float batches."""
+    from arcfold.data.transforms import BatchNormalise
+
+    normalise = BatchNormalise(torch.device("cpu"))
+    runs = []
+    for on_device in (False, True):
+        cfg, model, head, optimizer, scheduler, _ = _setup()
+        gen = torch.Generator().manual_seed(1)
+        raw = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(8) % 5)]
+        batches = raw * 3 if on_device else [(normalise(x), y) for x, y in raw] * 3
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        stats = _train_one_epoch(
+            cfg, model, head, batches, len(batches), optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+            params, torch.device("cpu"), None, epoch=0, normalise=normalise if on_device else None,
+        )  # fmt: skip
+        runs.append((stats["train_loss"], [p.detach().clone() for p in params]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
