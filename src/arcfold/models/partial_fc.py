@@ -50,6 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from arcfold import distributed
 from arcfold.models.heads import arcface_logits, classification_loss, cosface_logits
 
 __all__ = ["SHARDED_KINDS", "ShardedMarginHead", "distributed_cross_entropy", "shard_range"]
@@ -71,9 +72,7 @@ def shard_range(n_classes: int, rank: int, world_size: int) -> tuple[int, int]:
         raise ValueError(f"need 0 <= rank < world_size (got rank={rank}, world_size={world_size})")
     if n_classes < world_size:
         raise ValueError(f"n_classes={n_classes} is smaller than world_size={world_size}: a rank would hold no class")
-    base, extra = divmod(n_classes, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+    return distributed.shard_range(n_classes, rank, world_size)  # the same split as the validation rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
