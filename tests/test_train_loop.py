@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -41,6 +42,79 @@ def test_gradient_accumulation_steps_the_optimizer_every_accum_batches(accum, n_
     _epoch(cfg, model, head, optimizer, scheduler, batches)
     assert scheduler.last_epoch == updates == math.ceil(n_batches / accum)  # the last partial window steps too
     assert optimizer.state[head.weight]["step"].item() == updates
+
+
+def _sgd_epoch(accum, batches, head_wrapper=lambda h: h, lr=1.0):
+    """One epoch with plain SGD (no momentum, decay or clipping) and the schedule lr / (1 + step), from the same
+    initial weights every call; returns (model, head) before, (model, head) after, the optimizer and the scheduler."""
+    cfg, model, head, *_ = _setup(f"train.accum_steps={accum}", "train.grad_clip=0", n_batches=0)
+    params = _params(model, head)
+    optimizer = torch.optim.SGD(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    before = copy.deepcopy((model, head))
+    _train_one_epoch(
+        cfg, model, head_wrapper(head), batches, len(batches), optimizer, scheduler,
+        torch.amp.GradScaler("cpu", enabled=False), params, torch.device("cpu"), None, epoch=0,
+    )  # fmt: skip
+    return before, (model, head), optimizer, scheduler
+
+
+def _mean_loss_gradient(model, head, batches):
+    """d/dw of the mean of the batches' losses, by torch.autograd on a copy of the weights (train mode)."""
+    model, head = copy.deepcopy(model), copy.deepcopy(head)
+    params = _params(model, head)
+    loss = sum(head(model(x), y) for x, y in batches) / len(batches)
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _assert_sgd_update(before, after, grads, lr):
+    """after - before == -lr * grads over all weights (a weight without a gradient stays), to 1e-4 of its norm."""
+    update = torch.cat([(p - p0).reshape(-1) for p0, p in zip(before, after, strict=True)])
+    expected = torch.cat(
+        [(-lr * g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(before, grads, strict=True)]
+    )
+    assert expected.norm() > 1e-3  # a real step: a wrong divisor (1/4 for 1/2, say) is far outside the tolerance
+    assert (update - expected).norm() <= 1e-4 * expected.norm(), float((update - expected).norm() / expected.norm())
+
+
+def _params(model, head):
+    return [*model.parameters(), *head.parameters()]
+
+
+def test_a_partial_accumulation_window_steps_on_the_mean_loss_of_its_real_batches():
+    """accum 4 over 6 batches: the windows are [0..3] and [4, 5]. With SGD at lr 1 then 1/2 (the schedule), each
+    update is minus lr times the gradient of its window's mean loss; the old code divided the window of 2 by 4."""
+    _, _, _, _, _, batches = _setup(n_batches=6)
+    (model0, head0), (model, head), _, scheduler = _sgd_epoch(4, batches)
+    assert scheduler.last_epoch == 2
+    first = _mean_loss_gradient(model0, head0, batches[:4])
+    mid = copy.deepcopy((model0, head0))  # the weights after the first window: w0 - 1 * g(batches 0..3)
+    with torch.no_grad():
+        for p, g in zip(_params(*mid), first, strict=True):
+            if g is not None:
+                p -= g
+    _assert_sgd_update(_params(*mid), _params(model, head), _mean_loss_gradient(*mid, batches[4:]), lr=0.5)
+
+
+def test_a_single_short_window_equals_the_gradient_of_its_mean_loss():
+    _, _, _, _, _, batches = _setup(n_batches=2)
+    (model0, head0), (model, head), _, _ = _sgd_epoch(4, batches)
+    _assert_sgd_update(_params(model0, head0), _params(model, head), _mean_loss_gradient(model0, head0, batches), lr=1)
+
+
+@pytest.mark.parametrize("bad", [0, 1])  # the first or the last batch of the first window of 2
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
+def test_a_window_with_a_non_finite_loss_applies_no_update_and_keeps_the_schedule(bad):
+    """accum 2 over 4 batches, a NaN loss in the first window: no update from that window (the finite batch's
+    gradient is dropped too), the scheduler still advances, so the second window steps at the lr of step 1 and
+    the epoch ends with the lr of a clean epoch."""
+    _, _, _, _, _, batches = _setup(n_batches=4)
+    _, (model, head), _, scheduler = _sgd_epoch(2, batches, lambda h: _FlakyHead(h, {bad}), lr=0.1)
+    (model0, head0), _, _, clean = _sgd_epoch(2, batches, lr=0.1)
+    assert scheduler.last_epoch == clean.last_epoch == 2
+    assert scheduler.get_last_lr() == clean.get_last_lr() == pytest.approx([0.1 / 3])
+    grads = _mean_loss_gradient(model0, head0, batches[2:])  # the second window, from the untouched weights
+    _assert_sgd_update(_params(model0, head0), _params(model, head), grads, lr=0.05)
 
 
 def test_head_gets_its_own_learning_rate_and_no_decay_on_norms():
@@ -95,7 +169,9 @@ class _FlakyHead(torch.nn.Module):
 def test_non_finite_losses_are_skipped_then_stop_the_run():
     cfg, model, head, optimizer, scheduler, batches = _setup("train.max_nonfinite_steps=10", n_batches=12)
     stats = _epoch(cfg, model, _FlakyHead(head, {1, 2}), optimizer, scheduler, batches)
-    assert stats["skipped_batches"] == 2 and scheduler.last_epoch == 10 and math.isfinite(stats["train_loss"])
+    # the scheduler advances once per window (here per batch), skipped or not; the optimizer only on good ones
+    assert stats["skipped_batches"] == 2 and scheduler.last_epoch == 12 and math.isfinite(stats["train_loss"])
+    assert optimizer.state[head.weight]["step"].item() == 10
     assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers(), *head.parameters()])
     with pytest.raises(
         FloatingPointError, match=r"10 training steps in a row skipped \(train.max_nonfinite_steps=10\)"

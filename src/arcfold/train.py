@@ -865,6 +865,11 @@ def _train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader``; skips (and counts) non-finite steps, stops after ``guard.limit`` in a row.
 
+    One optimizer step per window of ``train.accum_steps`` batches, on the gradient of the window's mean loss (the
+    last window of the epoch may be shorter: its batches are divided by its real length, not by ``accum_steps``).
+    The scheduler advances once per window, whether its step was applied or skipped. A window in which a batch
+    has a non-finite loss applies no update at all: the gradients of its other batches are dropped too.
+
     Several processes: ``ddp`` wraps a :class:`DistributedTrainStep` of ``model`` (and ``head``, unless it is
     sharded: then ``sharded_params`` are its parameters, different on every rank). The losses and images
     counted are those of the global batch. ``normalise``: applied to each image batch once it is on ``device``
@@ -876,6 +881,7 @@ def _train_one_epoch(
     guard = guard if guard is not None else NonFiniteGuard(cfg.train.max_nonfinite_steps)
     accum, clip = cfg.train.accum_steps, cfg.train.grad_clip
     loss_sum, n_seen, n_skipped, n_steps_skipped = 0.0, 0, 0, 0
+    window_bad = False  # a non-finite loss in the current accumulation window: it applies no update
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not (cfg.train.progress and ctx.is_main), leave=False)
     t0 = time.time()
@@ -893,6 +899,7 @@ def _train_one_epoch(
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         need_update = (i + 1) == n_batches or (i + 1) % accum == 0
+        window = min(accum, n_batches - i // accum * accum)  # its real length: the last window may be shorter
         # DDP all-reduces the gradients only on the last micro-batch of an accumulation window
         sync = ddp.no_sync() if ddp is not None and not need_update else contextlib.nullcontext()
         with sync:
@@ -905,16 +912,20 @@ def _train_one_epoch(
                     loss = head(ddp(images, labels), labels)  # the sharded head, outside DDP
             # the global batch's loss: the same on every rank, so every rank takes the same skip decision
             global_loss = reduce_mean(loss, ctx) if ctx.enabled else loss
-            if not torch.isfinite(global_loss):
-                # an fp16 overflow or a diverging run: skip this batch rather than poison the weights (the
-                # gradients accumulated so far in this window are dropped with it)
+            finite = bool(torch.isfinite(global_loss))
+            if not finite:
+                # an fp16 overflow or a diverging run: rather than poison the weights, the whole window applies
+                # no update (the gradients of its other batches are dropped, as GradScaler drops a window whose
+                # gradients overflow); the scheduler still advances at the window's end
                 n_skipped += 1
-                optimizer.zero_grad(set_to_none=True)
+                window_bad = True
                 guard.skipped(f"epoch {epoch}, batch {i}", f"loss is {global_loss.item()}")
-                continue
-            scaler.scale(loss / accum).backward()
+            else:  # the window's mean loss: each batch divided by the window's real length
+                scaler.scale(loss / window).backward()
         if need_update:
-            if sharded_params is not None:  # the norm spans every rank's rows of the head
+            if window_bad:  # already counted at its non-finite batch
+                step_ok, why = None, ""
+            elif sharded_params is not None:  # the norm spans every rank's rows of the head
                 if scaler.is_enabled():
                     scaler.unscale_(optimizer)
                 norm = _sharded_grad_norm(params, sharded_params)
@@ -945,14 +956,18 @@ def _train_one_epoch(
                     optimizer.step()
                 why = f"gradient norm is {norm.item()}"
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            scheduler.step()  # once per window, applied or skipped: the schedule never drifts
+            window_bad = False
             if step_ok:
                 guard.ok()
-            else:
+            elif step_ok is not None:
                 n_steps_skipped += 1
                 guard.skipped(f"epoch {epoch}, batch {i}", why)
-        else:
+        elif finite:
             guard.ok()
+        if not finite:
+            bar.update()
+            continue
         loss_sum += global_loss.item() * len(images) * ctx.world_size
         n_seen += len(images) * ctx.world_size
         bar.update()
