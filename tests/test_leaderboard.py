@@ -62,12 +62,14 @@ def write_experiment(
     overrides: tuple[str, ...] = (),
     git_commit: str | None = None,
     epochs: int = 3,
+    keep: str | None = "last",
 ) -> Path:
     """Write what ``train_fold`` writes for each given fold under ``root`` (oof/ and models/); returns oof/<name>.
 
     ``oof/<name>/fold<K>.npz`` (ids, images, labels, groups, embeddings), ``fold<K>.json`` (scores of
-    those embeddings, best_epoch, epochs, folds_sha256, finished_at, ...), ``fold<K>.config.yaml`` and
-    ``models/<name>/fold<K>/history.csv`` (one row per epoch, the last one the best).
+    those embeddings, keep, kept/last/best_epoch, epochs, folds_sha256, finished_at, ...), ``fold<K>.config.yaml``
+    and ``models/<name>/fold<K>/history.csv`` (one row per epoch, the last one the best). ``keep=None`` writes a
+    fold JSON as the train stage did before ``train.keep`` existed (no keep, kept_epoch, last_epoch, last).
     """
     cfg = load_config(
         None,
@@ -80,9 +82,12 @@ def write_experiment(
         scores = {
             "experiment": name,
             "fold": k,
+            **({"keep": keep, "kept_epoch": epochs - 1} if keep else {}),
             "best_epoch": epochs - 1,
+            **({"last_epoch": epochs - 1} if keep else {}),
             "epochs": epochs,
             **metrics,
+            **({"last": {m: v for m, v in metrics.items() if m.startswith(("recall@", "map@"))}} if keep else {}),
             "seconds": 1.0,
             "folds_path": str(root / "folds" / "fake.csv"),
             "folds_sha256": sha,
@@ -225,3 +230,34 @@ def test_unfinished_fold_and_non_experiment_folders_are_ignored(tmp_path):
     table = build_leaderboard(tmp_path / "oof")
     assert table["experiment"].tolist() == ["exp"] and table.iloc[0]["n_folds"] == 1
     assert arcfold_main(["leaderboard", "--oof-dir", str(tmp_path / "nothing_here")]) == 2
+
+
+def test_experiments_that_kept_their_best_validation_epoch_are_flagged(tmp_path, capsys):
+    """train.keep=best (and fold files from before train.keep, which kept the best epoch) chose the epoch on the
+    fold it is scored on: the leaderboard says so in its kept column, with a legend line; a blend of such a member
+    inherits the flag."""
+    from arcfold.blend import main as blend_main
+
+    simple_experiment(tmp_path, "honest", [0, 1], 2, noise=1.0)
+    simple_experiment(tmp_path, "chosen", [0, 1], 2, noise=1.0, seed=1, keep="best")
+    simple_experiment(tmp_path, "older", [0, 1], 2, noise=1.0, seed=2, keep=None)
+    oof = tmp_path / "oof"
+    blend_main(["--oof-dir", str(oof), "--experiments", "honest", "chosen", "--weights", "0.5", "0.5", "--name", "hc"])
+    table = build_leaderboard(oof).set_index("experiment")
+    assert table["keep"].to_dict() == {"honest": "last", "chosen": "best", "older": "best", "blend:hc": "best"}
+
+    assert arcfold_main(["leaderboard", "--oof-dir", str(oof)]) == 0
+    out = capsys.readouterr().out
+    assert "kept best* = epoch chosen on the validation fold (train.keep=best)" in out
+    md = (oof / "leaderboard.md").read_text()
+    assert "kept best* = epoch chosen on the validation fold" in md
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+    kept = rows[0].index("kept")
+    assert {row[1]: row[kept] for row in rows[1:]} == {
+        "honest": "last", "chosen": "best*", "older": "best*", "blend:hc": "best*"
+    }  # fmt: skip
+    assert pd.read_csv(oof / "leaderboard.csv").set_index("experiment").loc["chosen", "keep"] == "best"
+
+    simple_experiment(tmp_path / "clean", "honest", [0, 1], 2, noise=1.0)
+    assert arcfold_main(["leaderboard", "--oof-dir", str(tmp_path / "clean" / "oof")]) == 0
+    assert "best*" not in capsys.readouterr().out  # no legend when nothing is flagged

@@ -153,11 +153,12 @@ def test_resume_with_another_config_is_refused(mini_root):
 
 
 def test_best_files_of_an_epoch_cut_short_are_never_taken_for_the_best(mini_root, reference):
-    """Killed after an improved epoch wrote its best files but before its resume point: if that epoch, trained
-    again, scores lower (a GPU need not repeat itself), the fold's outputs are the best *finished* epoch's."""
+    """train.keep=best, killed after an improved epoch wrote its best files but before its resume point: if that
+    epoch, trained again, scores lower (a GPU need not repeat itself), the fold's outputs are the best *finished*
+    epoch's."""
     ref, ref_state = reference
     assert ref_state["best"]["epoch"] == 2, "this test needs the last epoch to improve (it does on the mini set)"
-    overrides = [*mini_overrides(mini_root / "cut"), f"data.input_dir={mini_root / 'input'}"]
+    overrides = [*mini_overrides(mini_root / "cut"), f"data.input_dir={mini_root / 'input'}", "train.keep=best"]
     cfg = load_config(None, overrides)
     paths = FoldPaths(cfg, 0)
     assert run_fold(overrides, kill_at="write:history.csv#3") == -signal.SIGKILL  # epoch 2: best files written

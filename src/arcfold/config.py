@@ -162,7 +162,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     eval_batch_size: int = 256
-    accum_steps: int = 1  # gradient accumulation: an optimizer step every accum_steps batches
+    # gradient accumulation: an optimizer step every accum_steps batches, on their mean loss (the last window of an
+    # epoch on its real length); one scheduler step per window, also when a non-finite loss skips the window
+    accum_steps: int = 1
     amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | fp16 | bf16 | off
     grad_clip: float = 5.0  # max gradient norm; 0 disables
     # steps skipped in a row (non-finite loss, or GradScaler's inf/NaN gradients under fp16) before the run
@@ -172,6 +174,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = False
     limit_train_batches: int = 0  # >0: stop each epoch after this many batches (smoke tests)
+    # which epoch's weights and OOF embeddings a fold keeps: last (the schedule decides; the OOF score is an honest
+    # estimate) | best (highest validation Recall@1: the epoch is chosen on the fold it is scored on, so the OOF
+    # score is optimistic; score and leaderboard flag it). Fold JSONs record the kept and the last epoch's scores
+    keep: str = "last"
     resume: bool = False  # continue an interrupted fold from its last checkpoint
     force: bool = False  # overwrite a finished fold's OOF and weights
     progress: bool = True  # tqdm bars
@@ -229,6 +235,7 @@ _CHOICES = {
     "head.class_weights": ("none", "inv_log"),
     "head.loss": ("ce", "focal"),
     "train.amp": ("auto", "fp16", "bf16", "off"),
+    "train.keep": ("last", "best"),
 }
 
 

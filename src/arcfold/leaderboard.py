@@ -6,10 +6,12 @@ Reads, for each folder ``oof/<exp>/``, the finished folds (a fold is finished wh
 the blend stage (their *nested* scores: the honest estimate). Folders without finished folds
 (``oof/blends``, ``oof/tune``) are not experiments and are skipped.
 
-Columns: experiment, backbone, head/loss, image size, embedding size, epochs, folds finished out of
-``folds.n_splits``, mean ± std over the finished folds of Recall@1/5/10 and MAP@R, date (the last
-fold's ``finished_at``, UTC), git commit (the ``git_commit`` of the fold JSONs, ``-`` when the
-training run did not record one), fold-file hash and notes.
+Columns: experiment, backbone, head/loss, image size, embedding size, epochs, the epoch the folds kept
+(``train.keep``: ``last``, or ``best*``: the epoch was chosen on the validation fold, so the OOF score is
+optimistic; fold JSONs from before ``train.keep`` count as ``best*``, a blend is ``best*`` when one of its members
+is; a legend line says so), folds finished out of ``folds.n_splits``, mean ± std over the finished folds of
+Recall@1/5/10 and MAP@R, date (the last fold's ``finished_at``, UTC), git commit (the ``git_commit`` of the fold
+JSONs, ``-`` when the training run did not record one), fold-file hash and notes.
 
 Rules
 -----
@@ -68,6 +70,7 @@ SHOWN_METRICS = ("recall@1", "recall@5", "recall@10", "map@r")
 MIXED = "mixed"  # section of experiments whose folds were made from different fold files
 UNKNOWN = "unknown"  # fold JSONs without a folds_sha256
 _LABELS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "map@r": "MAP@R"}
+KEEP_BEST_LEGEND = "kept best* = epoch chosen on the validation fold (train.keep=best): its OOF score is optimistic"
 
 
 def _get(mapping: dict | None, dotted: str, default: Any = None) -> Any:
@@ -159,6 +162,7 @@ def read_experiment(exp_dir: str | Path) -> dict[str, Any] | None:
         "image_size": _get(config, "data.image_size"),
         "embedding_size": _get(config, "model.embedding_size"),
         "epochs": _get(config, "train.epochs", scores[folds[0]].get("epochs")),
+        "keep": _keep_of(scores.values()),
         "finished_folds": " ".join(map(str, folds)),
         "n_folds": len(folds),
         "n_splits": n_splits,
@@ -177,6 +181,11 @@ def read_experiment(exp_dir: str | Path) -> dict[str, Any] | None:
         }
     )
     return row
+
+
+def _keep_of(score_dicts) -> str:
+    """``best`` when any fold kept its best validation epoch (fold JSONs without ``keep`` did), else ``last``."""
+    return "best" if any(scores.get("keep", "best") == "best" for scores in score_dicts) else "last"
 
 
 def _metric_names(score_dicts) -> list[str]:
@@ -210,6 +219,7 @@ def read_blend(path: str | Path) -> dict[str, Any] | None:
         "image_size": None,
         "embedding_size": spec.get("embedding_size"),
         "epochs": None,
+        "keep": _blend_keep(path.parent.parent, spec["experiments"], spec["folds"]),
         "finished_folds": " ".join(str(k) for k in spec["folds"]),
         "n_folds": len(spec["folds"]),
         "n_splits": spec.get("n_splits"),
@@ -230,6 +240,15 @@ def read_blend(path: str | Path) -> dict[str, Any] | None:
     if not row["complete"]:
         row["notes"] += "; incomplete"
     return row
+
+
+def _blend_keep(oof_dir: Path, experiments: list[str], folds: list[int]) -> str:
+    """A blend's members' ``train.keep`` (its spec lives in ``oof/blends/``): ``best`` when any member's fold did,
+    ``-`` when a member's fold JSON is gone."""
+    paths = [oof_dir / exp / f"fold{k}.json" for exp in experiments for k in folds]
+    if not all(p.is_file() for p in paths):
+        return "-"
+    return _keep_of(load_json(p) for p in paths)
 
 
 def build_leaderboard(
@@ -307,6 +326,7 @@ def _display_frame(section: pd.DataFrame) -> pd.DataFrame:
             "img": section["image_size"].map(size),
             "emb": section["embedding_size"].map(size),
             "epochs": section["epochs"].map(size),
+            "kept": section["keep"].map({"best": "best*"}).fillna(section["keep"]),
             "folds": [
                 f"{n}/{size(s)}" + ("" if c else " !")
                 for n, s, c in zip(section["n_folds"], section["n_splits"], section["complete"], strict=True)
@@ -352,6 +372,8 @@ def _warning(table: pd.DataFrame) -> str:
 
 def render_text(table: pd.DataFrame, sort: str = "recall@1") -> str:
     parts = [f"Leaderboard (sorted by mean {sort}; mean ± std over finished folds; ! = incomplete)"]
+    if (table["keep"] == "best").any():
+        parts.append(KEEP_BEST_LEGEND)
     warning = _warning(table)
     if warning:
         parts.append(warning)
@@ -376,6 +398,8 @@ def render_markdown(table: pd.DataFrame, sort: str = "recall@1") -> str:
         f"Sorted by mean {sort}, best first; mean ± std over finished folds; `!` = incomplete (ranked after the "
         "complete experiments of its section). Ranks restart in each fold-file section.",
     ]
+    if (table["keep"] == "best").any():
+        parts += ["", KEEP_BEST_LEGEND + "."]
     warning = _warning(table)
     if warning:
         parts += ["", *(f"> **{line}**" for line in warning.splitlines())]

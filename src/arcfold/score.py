@@ -8,6 +8,11 @@ at once, the one that writes last has seen every fold the other saw.
 With ``--recompute`` the scores are recomputed from the OOF embeddings (``fold<K>.npz``) instead of
 read from the JSON written at training time, e.g. after changing the metric code.
 
+Column ``keep`` says which epoch each fold kept (``train.keep``: ``last``, or ``best``; fold files written before
+``train.keep`` existed count as ``best``, which they kept); the ``mean`` and ``std`` rows show ``best`` when any
+fold did. ``best`` means the epoch was chosen on the validation fold itself, so its OOF score is optimistic:
+``scores.json`` says so (``keep``, ``epoch_chosen_on_validation``) and the printed table ends with that legend.
+
 CLI::
 
     python -m arcfold score --config configs/glyphs_arcface.yaml      # or: --experiment NAME
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["finished_folds", "score_experiment"]
 
 METRIC_COLUMNS = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
+KEEP_BEST_LEGEND = "keep=best: epoch chosen on the validation fold (the OOF score selects on itself: optimistic)"
 
 
 def finished_folds(exp_dir: str | Path) -> list[int]:
@@ -55,37 +61,52 @@ def _score_experiment(oof_dir: Path, recompute: bool) -> pd.DataFrame:
     folds = finished_folds(oof_dir)
     if not folds:
         raise FileNotFoundError(f"no finished folds in {oof_dir} (expected fold<K>.npz)")
-    rows = []
+    rows, keeps = [], []
     for fold in folds:
         npz = oof_dir / f"fold{fold}.npz"
         if recompute:
             arrays = load_npz(npz, hint=f"Retrain fold {fold} with train.force=true.")
             metrics = retrieval_metrics(arrays["embeddings"], arrays["labels"], ks=DEFAULT_KS)
             row = {"fold": fold, **metrics}
+            keeps.append(_kept_by(npz.with_suffix(".json")))
         else:
             stored = load_json(
                 npz.with_suffix(".json"),
                 hint="Score with --recompute (from the OOF embeddings), or retrain the fold with train.force=true.",
             )
             row = {"fold": fold, **{k: stored[k] for k in (*METRIC_COLUMNS, "n_queries", "best_epoch")}}
+            keeps.append(str(stored.get("keep", "best")))
         rows.append(row)
     table = pd.DataFrame(rows).set_index("fold")
     per_fold = table[METRIC_COLUMNS]
     summary = pd.concat([per_fold, per_fold.mean().to_frame("mean").T, per_fold.std(ddof=0).to_frame("std").T])
     summary.index = summary.index.astype(str)
     summary.index.name = "fold"
+    chosen_on_validation = "best" in keeps
+    summary["keep"] = [*keeps, *["best" if chosen_on_validation else "last"] * 2]
     save_text(oof_dir / "scores.csv", summary.to_csv(float_format="%.6f"))
     save_json(
         oof_dir / "scores.json",
         {
             "experiment": oof_dir.name,
             "folds": [int(f) for f in table.index],
-            "mean": summary.loc["mean"].to_dict(),
-            "std": summary.loc["std"].to_dict(),
+            "keep": "best" if chosen_on_validation else "last",
+            "epoch_chosen_on_validation": chosen_on_validation,
+            "mean": summary.loc["mean", METRIC_COLUMNS].to_dict(),
+            "std": summary.loc["std", METRIC_COLUMNS].to_dict(),
             "per_fold": {str(k): v for k, v in per_fold.to_dict(orient="index").items()},
         },
     )
     return summary
+
+
+def _kept_by(json_path: Path) -> str:
+    """``train.keep`` of a finished fold for ``--recompute``: ``last`` or ``best`` (also for a fold JSON from before
+    the key, which kept the best epoch, and for an unreadable one: an epoch not known to be the last)."""
+    try:
+        return str(load_json(json_path).get("keep", "best"))
+    except CorruptFileError:
+        return "best"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,4 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160):
         print(f"\n{oof_dir.name}: leave-one-out retrieval on each held-out fold\n{summary}\n")
+    if (summary["keep"] == "best").any():
+        print(KEEP_BEST_LEGEND + "\n")
     log.info("wrote %s", oof_dir / "scores.csv")

@@ -1,27 +1,37 @@
-"""Train stage: one fold of one experiment, validated every epoch, best epoch kept.
+"""Train stage: one fold of one experiment, validated every epoch; the last (or the best) epoch kept.
 
 Files (``<exp>`` = ``cfg.name``, ``K`` = fold):
 
 * ``models/<exp>/fold<K>/``: work folder while training — ``last.pt`` (full training state, written
-  every epoch: resume point), ``best_e<E>.pt`` / ``best_oof_e<E>.npz`` (best epoch E so far),
-  ``history.csv`` (one row per epoch), ``train.log``.
-* When the fold finishes: ``models/<exp>/fold<K>.pt`` (best embedding weights + config),
+  every epoch: resume point), ``best_e<E>.pt`` / ``best_oof_e<E>.npz`` (the kept epoch E's weights and
+  validation embeddings; the name predates ``train.keep``), ``history.csv`` (one row per epoch), ``train.log``.
+* When the fold finishes: ``models/<exp>/fold<K>.pt`` (the kept epoch's embedding weights + config),
   ``oof/<exp>/fold<K>.npz`` (ids, images, labels, groups, L2-normalised embeddings of the held-out
-  fold at the best epoch), ``oof/<exp>/fold<K>.json`` (scores), ``oof/<exp>/fold<K>.config.yaml``.
+  fold at the kept epoch), ``oof/<exp>/fold<K>.json`` (scores), ``oof/<exp>/fold<K>.config.yaml``.
   The OOF ``.npz`` is written last and marks the fold as finished: a finished fold is never
   overwritten without ``train.force=true``.
 
 Validation is leave-one-out retrieval inside the held-out fold (whose classes were never trained
-on): Recall@1/2/4/5/8/10 and MAP@R; the best epoch is the one with the highest Recall@1.
+on): Recall@1/2/4/5/8/10 and MAP@R. Which epoch the fold keeps is ``train.keep``:
+
+* ``last`` (default): the last epoch; the schedule decides, so the OOF score is an honest estimate. Only the
+  last epoch's files are written.
+* ``best``: the epoch with the highest validation Recall@1 (the first of ties), its files written at each
+  improvement. The epoch is then chosen on the fold it is scored on: the OOF score is optimistic, and score and
+  leaderboard flag it ("epoch chosen on the validation fold").
+
+``fold<K>.json`` holds the kept epoch's scores at the top level (``recall@1``, ..., ``map@r``, ``n_queries``)
+with ``keep`` and ``kept_epoch``, the last epoch's as ``last_epoch`` and ``last`` (``{metric: value}``), and
+``best_epoch``, the kept epoch's old name (kept for readers of older files, whose folds always kept the best).
 
 Crashes and resume
 ------------------
-An epoch counts as done once its ``last.pt`` is written, after its best files and ``history.csv``.
+An epoch counts as done once its ``last.pt`` is written, after its kept-epoch files and ``history.csv``.
 A run killed at any point (SIGKILL, power loss) resumes with ``train.resume=true`` from the last
 *finished* epoch: a kill mid-epoch or during validation loses that epoch's progress, which is then
 trained again. Every epoch reseeds Python, NumPy, torch, the augmentations and the sampler from
-``(seed, fold, epoch)``, and ``last.pt`` holds model, head, optimizer, scheduler, GradScaler, best
-epoch and history, so on a deterministic device a resumed run ends bit-identical to one never
+``(seed, fold, epoch)``, and ``last.pt`` holds model, head, optimizer, scheduler, GradScaler, best and
+kept epoch and history, so on a deterministic device a resumed run ends bit-identical to one never
 interrupted (tests/test_reliability_resume.py). Resuming with another config is refused (the keys that
 differ are listed), except for keys that do not change the result (``train.progress``, paths, ...).
 
@@ -182,8 +192,8 @@ class FoldPaths:
         self.log_file = self.work / "train.log"
         self.lock = cfg.models_dir / f".fold{fold}.lock"
 
-    # The best epoch's files carry its number: a run killed after writing them but before its resume
-    # point (last.pt) leaves files that last.pt does not name, and they are never mistaken for the best.
+    # The kept epoch's files carry its number: a run killed after writing them but before its resume
+    # point (last.pt) leaves files that last.pt does not name, and they are never mistaken for the kept ones.
     def best(self, epoch: int) -> Path:
         return self.work / f"best_e{epoch}.pt"
 
@@ -616,6 +626,7 @@ def _train_fold(
     )
 
     start_epoch, best, history = 0, {"epoch": -1, "metrics": {"recall@1": -1.0}}, []
+    kept: dict[str, Any] = {"epoch": -1, "metrics": {}}  # the epoch the fold keeps so far (train.keep)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     sharded = cfg.head.sharded and ctx.enabled
     if ckpt is not None:  # every rank reads the same resume point
@@ -628,10 +639,10 @@ def _train_fold(
             optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+        start_epoch, best, kept, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["kept"], ckpt["history"]
         guard.in_a_row = int(ckpt.get("nonfinite_in_a_row", 0))
-        if best["epoch"] >= 0 and ctx.is_main:
-            paths.remove_best_except(best["epoch"])  # an improved epoch the kill cut short (it is retrained)
+        if kept["epoch"] >= 0 and ctx.is_main:
+            paths.remove_best_except(kept["epoch"])  # files of an epoch the kill cut short (it is retrained)
         log.info("resuming fold %d from epoch %d (best so far: epoch %d)", fold, start_epoch, best["epoch"])
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -705,9 +716,12 @@ def _train_fold(
         )
         if improved:
             best = {"epoch": epoch, "metrics": metrics}
-            if ctx.is_main:
-                save_npz(paths.best_oof(epoch), embeddings=embeddings)
-                save_torch(paths.best(epoch), embedding_checkpoint(model, cfg, fold=fold, epoch=epoch, metrics=metrics))
+        if improved or cfg.train.keep == "last":
+            kept = {"epoch": epoch, "metrics": metrics}
+        # the kept epoch's files: at each improvement with keep=best, only for the last epoch with keep=last
+        if (improved if cfg.train.keep == "best" else epoch == cfg.train.epochs - 1) and ctx.is_main:
+            save_npz(paths.best_oof(epoch), embeddings=embeddings)
+            save_torch(paths.best(epoch), embedding_checkpoint(model, cfg, fold=fold, epoch=epoch, metrics=metrics))
         if ctx.is_main:
             save_history(paths.history, history)
         if on_epoch_end is not None:
@@ -733,17 +747,18 @@ def _train_fold(
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "best": best,
+                    "kept": kept,
                     "history": history,
                     "nonfinite_in_a_row": guard.in_a_row,
                 },
             )
-            paths.remove_best_except(best["epoch"])  # the previous best, now superseded
+            paths.remove_best_except(kept["epoch"])  # the previously kept epoch's files, now superseded
         if ctx.enabled:
             torch.distributed.barrier()  # the epoch is done for every rank once its resume point is written
 
     extra = {"skipped_images": skipped_images} if cfg.data.skip_bad_images else {}
     seconds = time.time() - started
-    return on_rank0(ctx, lambda: _finalize(cfg, fold, paths, val_df, best, history, folds_path, seconds, extra))
+    return on_rank0(ctx, lambda: _finalize(cfg, fold, paths, val_df, kept, history, folds_path, seconds, extra))
 
 
 def build_ddp(
@@ -1034,19 +1049,24 @@ def _remove_work_files(paths: FoldPaths) -> None:
 
 
 def _finalize(
-    cfg, fold, paths: FoldPaths, val_df, best, history, folds_path, seconds, extra: dict[str, Any] | None = None
+    cfg, fold, paths: FoldPaths, val_df, kept, history, folds_path, seconds, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    if best["epoch"] < 0:
+    if kept["epoch"] < 0:
         raise RuntimeError("no epoch was validated")
-    embeddings = load_npz(paths.best_oof(best["epoch"]), hint="Start the fold over with train.force=true.")[
+    embeddings = load_npz(paths.best_oof(kept["epoch"]), hint="Start the fold over with train.force=true.")[
         "embeddings"
     ]
+    last = history[-1]
     scores = {
         "experiment": cfg.name,
         "fold": fold,
-        "best_epoch": best["epoch"],
+        "keep": cfg.train.keep,
+        "kept_epoch": kept["epoch"],
+        "best_epoch": kept["epoch"],  # the kept epoch's name before train.keep existed (then always the best)
+        "last_epoch": int(last["epoch"]),
         "epochs": cfg.train.epochs,
-        **best["metrics"],
+        **kept["metrics"],  # the kept epoch's scores: what the OOF file holds
+        "last": {k: v for k, v in last.items() if k.startswith(("recall@", "map@"))},
         "train_images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
         "seconds": round(seconds, 1),
         "folds_path": str(folds_path),
@@ -1059,7 +1079,7 @@ def _finalize(
     }
     # weights first, OOF last: the OOF file is what marks the fold finished
     with atomic_path(paths.weights) as tmp:
-        shutil.copyfile(paths.best(best["epoch"]), tmp)
+        shutil.copyfile(paths.best(kept["epoch"]), tmp)
     save_text(paths.config, config_to_yaml(cfg))
     save_json(paths.scores, scores)
     save_npz(
@@ -1072,9 +1092,10 @@ def _finalize(
     )
     _remove_work_files(paths)
     log.info(
-        "fold %d finished: best epoch %d, R@1 %.4f, MAP@R %.4f -> %s, %s",
+        "fold %d finished: kept epoch %d (train.keep=%s), R@1 %.4f, MAP@R %.4f -> %s, %s",
         fold,
-        best["epoch"],
+        kept["epoch"],
+        cfg.train.keep,
         scores["recall@1"],
         scores["map@r"],
         paths.oof,
