@@ -94,7 +94,7 @@ def test_real_study_resumes_and_writes_the_best_config(tmp_path, glyphs_input):
 
     best = study.best_trial
     cfg = load_config(out)  # extends the original config, with the fixed overrides and the best values
-    assert cfg.name == "best" and cfg.model.backbone == "resnet10t" and cfg.train.epochs == 1
+    assert cfg.name == "space_best" and cfg.model.backbone == "resnet10t" and cfg.train.epochs == 1
     assert cfg.optim.lr == pytest.approx(best.params["optim.lr"]) and cfg.head.margin == best.params["head.margin"]
     assert (out.parent / yaml.safe_load(out.read_text())["base"]).resolve() == Path(CONFIG).resolve()
 
@@ -108,12 +108,13 @@ def test_real_study_resumes_and_writes_the_best_config(tmp_path, glyphs_input):
 
 
 class FakeTraining:
-    """Replaces ``train_fold``: 'trains' ``train.epochs`` epochs whose Recall@1 is the margin, passing each
-    epoch's row to ``on_epoch_end`` as the real loop does."""
+    """Replaces ``train_fold``: 'trains' ``train.epochs`` epochs whose Recall@1 is the margin (with ``curve``: the
+    margin times the fraction of the schedule done, reaching the margin at the last epoch), passing each epoch's
+    row to ``on_epoch_end`` as the real loop does."""
 
-    def __init__(self, interrupt_on_call: int | None = None) -> None:
+    def __init__(self, interrupt_on_call: int | None = None, curve: bool = False) -> None:
         self.calls: list[tuple[str, float, bool]] = []
-        self.interrupt_on_call = interrupt_on_call
+        self.interrupt_on_call, self.curve = interrupt_on_call, curve
 
     def __call__(self, cfg, fold, on_epoch_end=None):
         self.calls.append((cfg.name, cfg.head.margin, cfg.train.resume))
@@ -124,7 +125,8 @@ class FakeTraining:
         history = []
         for epoch in range(cfg.train.epochs):
             paths.last.write_bytes(b"checkpoint")
-            history.append({"epoch": epoch, "recall@1": cfg.head.margin, "map@r": cfg.head.margin / 2})
+            recall = cfg.head.margin * ((epoch + 1) / cfg.train.epochs if self.curve else 1.0)
+            history.append({"epoch": epoch, "recall@1": recall, "map@r": recall / 2})
             arcfold.train.save_history(paths.history, history)
             if on_epoch_end is not None:
                 on_epoch_end(history[-1])
@@ -148,7 +150,8 @@ def test_trials_below_the_median_are_pruned_after_the_first_epoch(tmp_path, fake
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(study.trials) == 12 and pruned and len(complete) >= 3
     for t in pruned:
-        assert max(t.intermediate_values) == 1  # reported epochs 0 and 1, stopped at 1 (n_warmup_steps=1)
+        # reported epochs 0 and 1 (steps: per mille of the 3-epoch schedule), stopped at 1: never at the first epoch
+        assert sorted(t.intermediate_values) == [333, 667]
         earlier = [c.value for c in complete if c.number < t.number]
         assert t.params["head.margin"] < sorted(earlier)[len(earlier) // 2] + 1e-9  # below the median
         work = tmp_path / "models" / t.user_attrs["experiment"] / "fold0"
@@ -167,6 +170,43 @@ def test_trials_below_the_median_are_pruned_after_the_first_epoch(tmp_path, fake
         out_path=tmp_path / "np.yaml",
     )
     assert {t.state for t in no_prune.trials} == {optuna.trial.TrialState.COMPLETE}
+
+
+def test_the_pruner_compares_trials_of_different_lengths_at_the_same_fraction_of_their_schedule(tmp_path, monkeypatch):
+    """train.epochs searched: three 2-epoch trials finish at 0.3; a 4-epoch trial that ends at 0.5 has 0.25 after
+    its 2nd epoch, below the others' end (0.3), but above them half-way through their schedule (0.15). Compared
+    at the same epoch index it was pruned; compared at the same fraction of the schedule it finishes, the best."""
+    monkeypatch.setattr(arcfold.train, "train_fold", FakeTraining(curve=True))
+    space = _space(
+        tmp_path,
+        "train.epochs: {type: categorical, choices: [2, 4]}\nhead.margin: {type: categorical, choices: [0.3, 0.5]}\n",
+    )
+    (tmp_path / "oof" / "tune").mkdir(parents=True)
+    storage = f"sqlite:///{tmp_path / 'oof' / 'tune' / 'space.db'}"
+    study = optuna.create_study(study_name="space", storage=storage, direction="maximize")
+    for params in [{"train.epochs": 2, "head.margin": 0.3}] * 3 + [{"train.epochs": 4, "head.margin": 0.5}]:
+        study.enqueue_trial(params)
+    study = tune(CONFIG, space, 4, overrides=tmp_path_overrides(tmp_path), out_path=tmp_path / "best.yaml")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert study.trials[0].intermediate_values == {500: 0.15, 1000: 0.3}
+    assert study.trials[3].intermediate_values == {250: 0.125, 500: 0.25, 750: 0.375, 1000: 0.5}
+    assert study.best_trial.number == 3 and load_config(tmp_path / "best.yaml").train.epochs == 4
+
+
+def test_the_best_config_is_an_experiment_of_its_own(tmp_path, monkeypatch, fake_training):
+    """The space file is usually named after the config (configs/tune/glyphs_arcface.yaml), so the study is too: its
+    best config must not be named like the config's own experiment, whose finished folds it would collide with."""
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "glyphs_arcface.yaml"
+    space.write_text(MARGINS)
+    overrides = [*tmp_path_overrides(tmp_path), "train.epochs=1"]
+    tune(CONFIG, space, 1, overrides=overrides)
+    written = tmp_path / "configs" / "tuned" / "glyphs_arcface_best.yaml"
+    assert [p.name for p in (tmp_path / "configs" / "tuned").iterdir()] == [written.name]
+    assert yaml.safe_load(written.read_text())["name"] == "glyphs_arcface_best"
+    assert load_config(written).name == "glyphs_arcface_best" != load_config(CONFIG).name
+    with pytest.raises(ConfigError, match="would name its best config 'x_best', the experiment of"):
+        tune(CONFIG, space, 1, study_name="x", overrides=[*overrides, "name=x_best"])
 
 
 def test_interrupted_trial_is_queued_again_and_resumes_its_training(tmp_path, monkeypatch):

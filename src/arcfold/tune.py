@@ -14,14 +14,19 @@ is an error before anything trains.
 Each trial is an experiment named ``<study>_t<number>`` (so it has its own ``oof/`` and ``models/``
 folders and shows on the leaderboard), trained with :func:`arcfold.train.train_fold` on every fold
 of ``--folds`` with the config + command-line overrides + the trial's values. The objective is the
-mean of ``--metric`` (``recall@1``, ``map@r``, ...; the best-epoch scores) over those folds,
-maximised with optuna's TPE sampler.
+mean of ``--metric`` (``recall@1``, ``map@r``, ...; the scores of the epoch each fold kept, ``train.keep``)
+over those folds, maximised with optuna's TPE sampler.
 
-Pruning: after every validated epoch the trial reports that epoch's ``--metric`` (step = epoch
-index, counted on across the trial's folds) and optuna's MedianPruner stops trials that are below
-the median of earlier trials at the same step (after 3 finished trials and 1 epoch). The per-epoch
-report is ``train_fold``'s ``on_epoch_end`` callback;
-``--no-prune`` turns it off. A pruned trial's checkpoints are deleted; its history stays.
+Pruning: after every validated epoch the trial reports that epoch's ``--metric`` and optuna's MedianPruner
+stops trials whose best report so far is below the median of earlier trials at the same step (after 3
+finished trials, and never at a trial's first epoch). The step is the position in the schedule, not the epoch
+index: ``i * 1000 + round(1000 * (epoch + 1) / train.epochs)`` for the i-th fold of ``--folds`` (per mille of
+that fold's schedule; :func:`schedule_step`). When ``train.epochs`` is searched, trials of different lengths are
+so compared at the same fraction of their schedule (e.g. step 500: epoch 1 of 2 and epoch 3 of 6), never a
+short run's end against a long run's start; steps one trial reaches and another does not (250 of a 4-epoch
+run, say) prune only against trials that reached them. The per-epoch report is ``train_fold``'s
+``on_epoch_end`` callback; ``--no-prune`` turns it off. A pruned trial's checkpoints are deleted; its history
+stays.
 
 Persistence: the study lives in ``<paths.oof_dir>/tune/<study>.db`` (SQLite). Running the same
 command again resumes it: ``--trials N`` is the number of finished (complete or pruned) trials the
@@ -31,9 +36,10 @@ once its heartbeat is older than ``--grace-period`` seconds. A study refuses to 
 metric, other folds or another space.
 
 The best trial is written, after every trial, as a config that extends the original one
-(``configs/tuned/<study>.yaml`` by default): ``base:`` the original config, then the command-line
-overrides and the trial's values; ``python -m arcfold train -c configs/tuned/<study>.yaml`` repeats
-it on every fold.
+(``configs/tuned/<study>_best.yaml`` by default): ``base:`` the original config, then the command-line
+overrides and the trial's values, and ``name: <study>_best``, an experiment of its own (never the original
+config's: training it would be refused as finished, or with ``train.force=true`` overwrite the original);
+``python -m arcfold train -c configs/tuned/<study>_best.yaml`` repeats it on every fold.
 
 CLI::
 
@@ -61,7 +67,7 @@ from arcfold.io import save_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_space", "suggest", "tune", "write_best_config"]
+__all__ = ["best_experiment_name", "load_space", "schedule_step", "suggest", "tune", "write_best_config"]
 
 _TYPES = ("float", "int", "categorical")
 _SPEC_KEYS = {
@@ -70,6 +76,7 @@ _SPEC_KEYS = {
     "categorical": {"choices"},
 }
 DEFAULT_GRACE_PERIOD = 300  # seconds without a heartbeat before a running trial counts as killed
+STEPS_PER_FOLD = 1000  # pruning steps per fold: per mille of the fold's schedule
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,14 +160,26 @@ def _sample_point(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # the objective
 
 
-def _epoch_reporter(trial, metric: str, step_offset: int, prune: bool) -> Callable[[dict[str, Any]], None]:
-    """``train_fold``'s ``on_epoch_end``: report each validated epoch's ``metric`` to optuna and prune there."""
+def schedule_step(fold_index: int, epoch: int, epochs: int) -> int:
+    """The pruning step of ``epoch`` (0-based) of a ``epochs``-epoch run on the ``fold_index``-th fold of a trial:
+    per mille of the schedule done, so trials of different ``train.epochs`` meet at the same fraction of it.
+
+    >>> schedule_step(0, 1, 2), schedule_step(0, 3, 8), schedule_step(1, 0, 4)
+    (1000, 500, 1250)
+    """
+    return fold_index * STEPS_PER_FOLD + round(STEPS_PER_FOLD * (epoch + 1) / epochs)
+
+
+def _epoch_reporter(trial, metric: str, fold_index: int, epochs: int, prune: bool) -> Callable[[dict[str, Any]], None]:
+    """``train_fold``'s ``on_epoch_end``: report each validated epoch's ``metric`` to optuna at its
+    :func:`schedule_step` and prune there (not at the trial's first epoch)."""
     import optuna
 
     def report(row: dict[str, Any]) -> None:
         value = float(row[metric])
-        trial.report(value, step=step_offset + int(row["epoch"]))
-        if prune and trial.should_prune():
+        epoch = int(row["epoch"])
+        trial.report(value, step=schedule_step(fold_index, epoch, epochs))
+        if prune and (fold_index, epoch) != (0, 0) and trial.should_prune():
             raise optuna.TrialPruned(
                 f"epoch {row['epoch']}: {metric} {value:.4f} is below the median of earlier trials"
             )
@@ -191,7 +210,7 @@ def _make_objective(
         try:
             for i, fold in enumerate(folds):
                 try:
-                    reporter = _epoch_reporter(trial, metric, i * cfg.train.epochs, prune)
+                    reporter = _epoch_reporter(trial, metric, i, cfg.train.epochs, prune)
                     result = train_fold(cfg, fold, on_epoch_end=reporter)
                 except optuna.TrialPruned:
                     work = FoldPaths(cfg, fold).work
@@ -212,8 +231,14 @@ def _make_objective(
 # best config
 
 
+def best_experiment_name(study_name: str) -> str:
+    """The experiment name of a study's best config: ``<study>_best`` (the trials are ``<study>_t<N>``)."""
+    return f"{study_name}_best"
+
+
 def write_best_config(study, config: str, overrides: Sequence[str], out_path: str | os.PathLike) -> Path | None:
-    """Write the best finished trial as a config extending ``config``; None while no trial has finished."""
+    """Write the best finished trial as a config extending ``config``, named :func:`best_experiment_name`;
+    None while no trial has finished."""
     import optuna
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -226,7 +251,7 @@ def write_best_config(study, config: str, overrides: Sequence[str], out_path: st
     mapping = OmegaConf.merge(mapping, OmegaConf.from_dotlist([o for o in overrides if not o.startswith("name=")]))
     for key, value in best.params.items():  # dotted keys, typed values
         OmegaConf.update(mapping, key, _clean(value))
-    mapping["name"] = out_path.stem
+    mapping["name"] = best_experiment_name(study.study_name)
     attrs = study.user_attrs
     header = (
         f"# Best trial of optuna study '{study.study_name}' ({attrs.get('storage', '')}): trial {best.number} "
@@ -244,6 +269,11 @@ def write_best_config(study, config: str, overrides: Sequence[str], out_path: st
 # the study
 
 
+def default_best_config_path(study_name: str) -> Path:
+    """``configs/tuned/<study>_best.yaml``: where ``tune`` writes the best config unless ``--out`` says otherwise."""
+    return Path("configs") / "tuned" / f"{best_experiment_name(study_name)}.yaml"
+
+
 def _open_study(storage_path: Path, study_name: str, grace_period: int, prune: bool, seed: int):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -259,7 +289,8 @@ def _open_study(storage_path: Path, study_name: str, grace_period: int, prune: b
         )
     existing = optuna.get_all_study_names(storage) if storage_path.exists() else []
     n_before = len(optuna.load_study(study_name=study_name, storage=storage).trials) if study_name in existing else 0
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if prune else optuna.pruners.NopPruner()
+    # steps are schedule fractions (schedule_step); the first epoch is spared by the reporter, not by warm-up steps
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
     # the sampler's seed moves on with the study, so a resumed study does not replay its first random trials
     sampler = optuna.samplers.TPESampler(seed=seed + n_before)
     return optuna.create_study(
@@ -329,8 +360,13 @@ def tune(
     load_config(config, [*overrides, *_overrides(_sample_point(space))])  # every key of the space exists
     if max(folds) >= base_cfg.folds.n_splits:
         raise ConfigError(f"--folds {folds}: the config has folds.n_splits={base_cfg.folds.n_splits}")
+    if best_experiment_name(study_name) == base_cfg.name:
+        raise ConfigError(
+            f"study '{study_name}' would name its best config '{base_cfg.name}', the experiment of {config} itself; "
+            "use another --study name"
+        )
     storage_path = Path(base_cfg.paths.oof_dir) / "tune" / f"{study_name}.db"
-    out_path = Path(out_path) if out_path is not None else Path("configs") / "tuned" / f"{study_name}.yaml"
+    out_path = Path(out_path) if out_path is not None else default_best_config_path(study_name)
 
     study = _open_study(storage_path, study_name, grace_period, prune, seed)
     _check_or_set(
@@ -382,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", "-f", default="0", help="folds each trial trains: K, A..B or A,B (default 0)")
     parser.add_argument("--metric", default="recall@1", help="objective, maximised: recall@1, map@r, ...")
     parser.add_argument("--study", default=None, help="study name (default: the space file's stem)")
-    parser.add_argument("--out", default=None, help="best config (default: configs/tuned/<study>.yaml)")
+    parser.add_argument("--out", default=None, help="best config (default: configs/tuned/<study>_best.yaml)")
     parser.add_argument("--no-prune", action="store_true", help="train every trial to the end")
     parser.add_argument(
         "--grace-period", type=int, default=DEFAULT_GRACE_PERIOD, help="seconds before a silent trial counts as killed"
