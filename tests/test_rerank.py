@@ -58,6 +58,10 @@ def test_query_expansion_and_dba_are_chosen_where_they_help() -> None:
     chosen = spec["methods"][spec["enabled"]]
     assert spec["steps"] == chosen["steps"] and spec["steps"][0]["name"] in ("dba", "qe")
     assert chosen["nested"]["map@r"] == pytest.approx(base["map@r"] + spec["gain"])
+    # the gain is the best of 4 nested scores (none, dba, qe, dba+qe): a maximum, so slightly optimistic
+    assert spec["gain"] == max(m["nested"]["map@r"] for m in spec["methods"].values()) - base["map@r"]
+    assert spec["n_compared"] == 4 == len(spec["methods"])
+    assert spec["gain_note"] == "best of 4 nested scores (4 methods compared): slightly optimistic"
     # nested per fold: the settings were chosen without the fold they are scored on
     assert set(chosen["nested_per_fold"]) == {"0", "1", "2"}
 
@@ -107,6 +111,8 @@ def test_cli_writes_the_spec_and_refuses_to_overwrite(tmp_path) -> None:
     assert spec["format"] == RERANK_FORMAT and spec["source"] == {"experiment": "exp"}
     table = (tmp_path / "oof" / "exp" / "rerank-retrieval.md").read_text()
     assert "| none |" in table and "| qe |" in table
+    assert spec["n_compared"] == 2 and f"(gain {spec['gain']:+.4f}, the best of 2 nested scores" in table
+    assert "chosen as the best of these 2 nested scores" in table and "slightly optimistic" in table
     with pytest.raises(ArtifactExistsError, match="--force"):
         main(argv)
     main([*argv, "--force"])
