@@ -109,6 +109,8 @@ def test_test_groups_by_name_and_their_errors():
         make_folds(df, FoldsConfig(n_splits=2, test_groups=["g1", "g9"]))
     with pytest.raises(DataValidationError, match=r"only 2 distinct groups .* \(4 more held out as the test split\)"):
         make_folds(df, FoldsConfig(n_splits=3, test_groups=["g0", "g1", "g2", "g3"]))
+    with pytest.raises(DataValidationError, match=r"test_fraction=0.9 of the 6 groups .* leaves none to split"):
+        make_folds(df, FoldsConfig(n_splits=2, test_fraction=0.9))
     with pytest.raises(ConfigError, match="test_fraction and folds.test_groups both set"):
         load_config(None, ["folds.test_fraction=0.2", "folds.test_groups=[g1]"])
     with pytest.raises(ConfigError, match=r"folds.test_fraction is a fraction of the groups in \[0, 1\)"):

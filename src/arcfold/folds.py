@@ -177,7 +177,13 @@ def _test_rows(df: pd.DataFrame, cfg: FoldsConfig, group_col: str) -> np.ndarray
         return groups.isin([str(g) for g in cfg.test_groups]).to_numpy()
     if cfg.test_fraction > 0:
         splitter = GroupShuffleSplit(n_splits=1, test_size=cfg.test_fraction, random_state=cfg.seed)
-        _, test_idx = next(splitter.split(np.zeros(len(df)), groups=pd.factorize(groups)[0]))
+        try:
+            _, test_idx = next(splitter.split(np.zeros(len(df)), groups=pd.factorize(groups)[0]))
+        except ValueError as e:  # e.g. every group drawn: "the resulting train set will be empty"
+            raise DataValidationError(
+                f"folds.test_fraction={cfg.test_fraction} of the {groups.nunique()} groups of column "
+                f"'{group_col}' leaves none to split into folds ({e})"
+            ) from None
         mask = np.zeros(len(df), dtype=bool)
         mask[test_idx] = True
         return mask
