@@ -31,7 +31,8 @@ def test_repo_configs_load():
         assert cfg.name == path.stem
     omniglot = load_config(REPO / "configs" / "omniglot_arcface.yaml")
     assert (omniglot.model.backbone, omniglot.data.image_size, omniglot.model.embedding_size) == ("resnet18", 64, 512)
-    assert (omniglot.head.name, omniglot.train.epochs, omniglot.folds.n_splits) == ("arcface", 10, 4)
+    assert (omniglot.head.name, omniglot.train.epochs, omniglot.folds.n_splits) == ("arcface", 10, 3)
+    assert omniglot.folds.test_fraction == 0.25  # 2 of the 8 alphabets held out as the test split
 
 
 def test_unknown_key_is_an_error_with_a_suggestion(tmp_path):

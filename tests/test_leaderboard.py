@@ -261,3 +261,42 @@ def test_experiments_that_kept_their_best_validation_epoch_are_flagged(tmp_path,
     simple_experiment(tmp_path / "clean", "honest", [0, 1], 2, noise=1.0)
     assert arcfold_main(["leaderboard", "--oof-dir", str(tmp_path / "clean" / "oof")]) == 0
     assert "best*" not in capsys.readouterr().out  # no legend when nothing is flagged
+
+
+def _test_json(oof: Path, folds: list[int], concatenated_r1: float, separate_r1: list[float]) -> None:
+    """What the test stage writes (the keys the leaderboard reads), with chosen numbers."""
+    separate = {str(k): {"recall@1": r, "map@r": r / 2} for k, r in zip(folds, separate_r1, strict=True)}
+    save_json(
+        oof / "test.json",
+        {
+            "format": "arcfold.test/1",
+            "folds": folds,
+            "concatenated": {"recall@1": concatenated_r1, "map@r": concatenated_r1 / 2},
+            "separate": {
+                "per_fold": separate,
+                "mean": {"recall@1": float(np.mean(separate_r1))},
+                "std": {"recall@1": float(np.std(separate_r1))},
+            },
+        },
+    )
+
+
+def test_test_split_columns_beside_the_oof_ones_and_sortable(tmp_path, capsys):
+    simple_experiment(tmp_path, "plain", [0, 1], 2, noise=0.5)
+    assert "test_recall@1" not in build_leaderboard(tmp_path / "oof")  # no test.json anywhere: no test columns
+    _test_json(simple_experiment(tmp_path, "tested", [0, 1], 2, noise=1.0), [0, 1], 0.9, [0.7, 0.8])
+    _test_json(simple_experiment(tmp_path, "stale", [0, 1], 2, noise=1.5), [0], 0.95, [0.6])
+    table = build_leaderboard(tmp_path / "oof", sort="test_recall@1").set_index("experiment")
+    assert table.index.tolist() == ["stale", "tested", "plain"]  # by the test figure; none last
+    assert (table.loc["tested", "test_recall@1"], table.loc["tested", "test_map@r"]) == (0.9, 0.45)
+    assert table.loc["tested", "test_separate_recall@1_mean"] == pytest.approx(0.75)
+    assert table.loc["tested", "test_separate_recall@1_std"] == pytest.approx(0.05)
+    assert math.isnan(table.loc["plain", "test_recall@1"])
+    assert "test scored folds 0: rerun" in table.loc["stale", "notes"]  # fold 1 finished after the test ran
+    by_oof = build_leaderboard(tmp_path / "oof").set_index("experiment")
+    assert by_oof.index.tolist() == ["plain", "tested", "stale"]  # noise 0.5 < 1.0 < 1.5
+    by_separate = build_leaderboard(tmp_path / "oof", sort="test_separate_recall@1")
+    assert by_separate["experiment"].tolist() == ["tested", "stale", "plain"]
+    assert arcfold_main(["leaderboard", "--oof-dir", str(tmp_path / "oof")]) == 0
+    out = capsys.readouterr().out
+    assert "test R@1" in out and "test MAP@R" in out and "0.7500 ± 0.0500" in out

@@ -16,7 +16,7 @@ import pytest
 
 from arcfold.config import FoldsConfig, load_config
 from arcfold.data.table import DataValidationError, load_train_table
-from arcfold.folds import ensure_folds, load_folds, make_folds
+from arcfold.folds import ensure_folds, file_sha256, load_folds, make_folds
 from arcfold.metrics import knn
 from arcfold.plots import make_plots
 from arcfold.train import FoldPaths, train_fold
@@ -87,6 +87,11 @@ def test_a_fold_of_singletons_in_a_hand_made_fold_file_stops_training_before_it_
     folds_df = load_folds(folds_path)
     extra_df = pd.DataFrame([{"id": r["image"], **r, "fold": 4} for r in extra])
     pd.concat([folds_df, extra_df[folds_df.columns]]).to_csv(folds_path, index=False)
+    # ... with its JSON edited to match (5 folds, the new hash): else the edit itself is refused (test_folds_verify)
+    meta = json.loads(folds_path.with_suffix(".json").read_text())
+    meta["params"]["n_splits"], meta["sha256"] = 5, file_sha256(folds_path)
+    folds_path.with_suffix(".json").write_text(json.dumps(meta))
+    cfg = load_config(None, [*overrides, "folds.n_splits=5"])
     with pytest.raises(DataValidationError, match=r"mini\.csv: fold 4 has no query: its 5 images are all in one-image"):
         train_fold(cfg, 4)
     assert not FoldPaths(cfg, 4).history.exists()  # nothing trained

@@ -1,4 +1,5 @@
-"""``python -m arcfold <stage> ...``: prepare, folds, train, score, leaderboard, blend, tune, plots, rerank, holdout."""
+"""``python -m arcfold <stage> ...``: prepare, folds, train, score, test, leaderboard, blend, tune, plots, rerank,
+holdout."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ STAGES = {
     "folds": "arcfold.folds",
     "train": "arcfold.train",
     "score": "arcfold.score",
+    "test": "arcfold.evaluate",
     "leaderboard": "arcfold.leaderboard",
     "blend": "arcfold.blend",
     "tune": "arcfold.tune",

@@ -79,6 +79,10 @@ class FoldsConfig:
     min_class_size: int = 2  # drop classes with fewer images (2: every kept image can be a query)
     seed: int = 42
     path: str | None = None  # null: <paths.folds_dir>/<data.dataset>.csv
+    # MLRC test split: this fraction of the groups (the folds' group column; ceil(fraction * n_groups) groups drawn
+    # with folds.seed) is held out as fold -1, never trained nor validated on; `python -m arcfold test` scores it
+    test_fraction: float = 0.0
+    test_groups: list[str] = field(default_factory=list)  # or these group values held out (not with test_fraction)
 
 
 @dataclass
@@ -365,6 +369,10 @@ def validate_config(cfg: ExperimentConfig) -> None:
     }.items():
         if value < 0:
             problems.append(f"{key} must not be negative (got {value})")
+    if not 0.0 <= cfg.folds.test_fraction < 1.0:
+        problems.append(f"folds.test_fraction is a fraction of the groups in [0, 1) (got {cfg.folds.test_fraction})")
+    if cfg.folds.test_fraction > 0 and cfg.folds.test_groups:
+        problems.append("folds.test_fraction and folds.test_groups both set: hold out the test split one way only")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         problems.append(f"data.hflip is a probability in [0, 1] (got {cfg.data.hflip})")
     if cfg.head.subcenters < 1:

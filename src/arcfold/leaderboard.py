@@ -25,6 +25,11 @@ Rules
 * **Sorting** is by the mean of ``--sort`` (any metric of the fold JSONs: ``recall@1``, ``recall@5``,
   ``recall@10``, ``map@r``, ...), best first, within those groups.
 * The standard deviation is over folds (``ddof=0``, as the score stage); with one fold it is empty.
+* **Test split.** When ``oof/<exp>/test.json`` exists (the test stage, :mod:`arcfold.evaluate`; for a blend
+  ``oof/blends/<name>.test.json``), the columns ``test R@1`` / ``test MAP@R`` (the concatenated fold ensemble,
+  what inference submits) and ``test sep. R@1`` (mean ± std of the fold models alone) sit beside the OOF ones
+  (CSV: ``test_recall@1``, ``test_map@r``, ``test_separate_recall@1_mean`` / ``_std``); ``--sort test_recall@1``
+  sorts by them. A test run on other folds than the finished ones is noted: run the test stage again.
 
 Writes ``oof/leaderboard.csv`` (one row per experiment, numbers in separate mean and std columns)
 and ``oof/leaderboard.md`` (one markdown table per section), atomically, and prints the table. The
@@ -116,6 +121,20 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=0)) if len(arr) > 1 else math.nan
 
 
+def _test_columns(path: Path, folds: list[int] | None, notes: list[str]) -> dict[str, Any]:
+    """The test stage's figures for a leaderboard row (nothing when it has not run)."""
+    if not path.is_file():
+        return {}
+    result = load_json(path, hint="Run the test stage again with --force.")
+    columns = {f"test_{m}": result["concatenated"].get(m, math.nan) for m in ("recall@1", "map@r")}
+    if "separate" in result:
+        columns["test_separate_recall@1_mean"] = result["separate"]["mean"].get("recall@1", math.nan)
+        columns["test_separate_recall@1_std"] = result["separate"]["std"].get("recall@1", math.nan)
+    if folds is not None and sorted(result["folds"]) != sorted(folds):
+        notes.append(f"test scored folds {','.join(map(str, result['folds']))}: rerun `arcfold test --force`")
+    return columns
+
+
 def read_experiment(exp_dir: str | Path) -> dict[str, Any] | None:
     """One leaderboard row for ``oof/<exp>/``, or None when it has no finished fold."""
     exp_dir = Path(exp_dir)
@@ -171,6 +190,7 @@ def read_experiment(exp_dir: str | Path) -> dict[str, Any] | None:
     for metric in _metric_names(scores.values()):
         mean, std = _mean_std([scores[k].get(metric, math.nan) for k in folds])
         row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
+    row.update(_test_columns(exp_dir / "test.json", folds, notes))
     row.update(
         {
             "date": _short_date(max(dates) if dates else None),
@@ -227,6 +247,7 @@ def read_blend(path: str | Path) -> dict[str, Any] | None:
     }
     for metric in _metric_names(per_fold.values()):
         row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([s.get(metric, math.nan) for s in per_fold.values()])
+    row.update(_test_columns(path.with_suffix(".test.json"), None, []))
     estimate = "nested" if spec["scores"]["nested"] else "in-sample (weights were not searched)"
     row.update(
         {
@@ -280,9 +301,10 @@ def build_leaderboard(
     if not rows:
         raise FileNotFoundError(f"no finished experiment under {oof_dir} (expected {oof_dir}/<exp>/fold<K>.npz)")
     table = pd.DataFrame(rows)
-    key = f"{sort}_mean"
+    key = f"{sort}_mean" if f"{sort}_mean" in table or not sort.startswith("test_") else sort
     if key not in table:
         known = sorted(c[: -len("_mean")] for c in table.columns if c.endswith("_mean"))
+        known += sorted(c for c in table.columns if c.startswith("test_") and not c.endswith(("_mean", "_std")))
         raise ValueError(f"unknown sort metric {sort!r}; the fold scores have: {', '.join(known)}")
     for metric in SHOWN_METRICS:
         for stat in ("mean", "std"):
@@ -337,6 +359,12 @@ def _display_frame(section: pd.DataFrame) -> pd.DataFrame:
         out[_LABELS[metric]] = [
             _fmt_metric(m, s) for m, s in zip(section[f"{metric}_mean"], section[f"{metric}_std"], strict=True)
         ]
+    if "test_recall@1" in section:  # some experiment has a test.json
+        out["test R@1"] = [_fmt_metric(m, math.nan) for m in section["test_recall@1"]]
+        out["test MAP@R"] = [_fmt_metric(m, math.nan) for m in section["test_map@r"]]
+        separate = section.get("test_separate_recall@1_mean", pd.Series(math.nan, index=section.index))
+        spread = section.get("test_separate_recall@1_std", pd.Series(math.nan, index=section.index))
+        out["test sep. R@1"] = [_fmt_metric(m, s) for m, s in zip(separate, spread, strict=True)]
     out["date"] = section["date"].to_numpy()
     out["commit"] = section["git_commit"].to_numpy()
     out["notes"] = section["notes"].to_numpy()
@@ -421,7 +449,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="arcfold leaderboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--oof-dir", default="oof", help="folder of experiments (default: oof)")
-    parser.add_argument("--sort", default="recall@1", help="metric to sort by: recall@1, recall@5, map@r, ...")
+    parser.add_argument(
+        "--sort", default="recall@1", help="metric to sort by: recall@1, map@r, ..., test_recall@1, test_map@r"
+    )
     parser.add_argument(
         "--exclude", action="append", default=[], metavar="GLOB", help="hide experiments matching (repeatable)"
     )

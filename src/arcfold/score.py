@@ -12,6 +12,10 @@ Column ``keep`` says which epoch each fold kept (``train.keep``: ``last``, or ``
 ``train.keep`` existed count as ``best``, which they kept); the ``mean`` and ``std`` rows show ``best`` when any
 fold did. ``best`` means the epoch was chosen on the validation fold itself, so its OOF score is optimistic:
 ``scores.json`` says so (``keep``, ``epoch_chosen_on_validation``) and the printed table ends with that legend.
+Fold files: the finished folds must all have been trained from one fold file (the ``folds_sha256`` of their
+JSONs), else the experiment is refused, naming the folds of each file: their validation sets need not partition
+the data, so their mean means nothing. The fold file they recorded (``folds_path``) is verified when it is there
+(:func:`arcfold.folds.verify_fold_file`: a hand-edited file is an error); one remade since is a warning.
 
 CLI::
 
@@ -26,15 +30,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from arcfold.data.table import DataValidationError
+from arcfold.folds import file_sha256, verify_fold_file
 from arcfold.io import CorruptFileError, file_lock, load_json, load_npz, save_json, save_text
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["finished_folds", "score_experiment"]
+__all__ = ["check_fold_files", "finished_folds", "score_experiment"]
 
 METRIC_COLUMNS = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
 KEEP_BEST_LEGEND = "keep=best: epoch chosen on the validation fold (the OOF score selects on itself: optimistic)"
+RECOMPUTE_HINT = "Score with --recompute (from the OOF embeddings), or retrain the fold with train.force=true."
 
 
 def finished_folds(exp_dir: str | Path) -> list[int]:
@@ -46,6 +53,49 @@ def finished_folds(exp_dir: str | Path) -> list[int]:
     return sorted(
         int(p.stem[4:]) for p in exp_dir.glob("fold*.npz") if p.stem[4:].isdigit() and p.with_suffix(".json").is_file()
     )
+
+
+def check_fold_files(oof_dir: str | Path, folds: list[int], strict: bool = True) -> str | None:
+    """Refuse folds trained from different fold files; verify the one they used. Returns its sha256 (or None).
+
+    Reads ``fold<K>.json``'s ``folds_sha256`` and ``folds_path``; with ``strict=False`` an unreadable JSON is
+    skipped (``--recompute`` scores from the ``.npz`` alone). Raises :class:`DataValidationError`.
+    """
+    oof_dir = Path(oof_dir)
+    recorded: dict[int, tuple[str | None, str | None]] = {}
+    for k in folds:
+        try:
+            stored = load_json(oof_dir / f"fold{k}.json", hint=RECOMPUTE_HINT)
+        except CorruptFileError:
+            if strict:
+                raise
+            continue
+        recorded[k] = (stored.get("folds_sha256"), stored.get("folds_path"))
+    shas = sorted({sha or "(none)" for sha, _ in recorded.values()})
+    if len(shas) > 1:
+        by_sha = {sha: [str(k) for k, (s, _) in recorded.items() if (s or "(none)") == sha] for sha in shas}
+        listing = "; ".join(f"fold {', '.join(ks)} from {sha[:12]}" for sha, ks in by_sha.items())
+        raise DataValidationError(
+            f"{oof_dir}: the finished folds were trained from different fold files ({listing}; folds_sha256 of "
+            "their fold JSONs), so their validation sets do not split one data set and cannot be averaged. "
+            "Retrain the folds of the old fold file with train.force=true"
+        )
+    if not recorded:
+        return None
+    sha, folds_path = next(iter(recorded.values()))
+    if folds_path and Path(folds_path).is_file():
+        verify_fold_file(folds_path)
+        if sha and file_sha256(folds_path) != sha:
+            log.warning(
+                "%s was remade since %s was trained (sha256 %s then, %s now): these are scores of the old folds",
+                folds_path,
+                oof_dir.name,
+                sha[:12],
+                file_sha256(folds_path)[:12],
+            )
+    elif folds_path:
+        log.warning("%s: the fold file %s is not here; not verified", oof_dir, folds_path)
+    return sha
 
 
 def score_experiment(oof_dir: str | Path, recompute: bool = False) -> pd.DataFrame:
@@ -61,6 +111,7 @@ def _score_experiment(oof_dir: Path, recompute: bool) -> pd.DataFrame:
     folds = finished_folds(oof_dir)
     if not folds:
         raise FileNotFoundError(f"no finished folds in {oof_dir} (expected fold<K>.npz)")
+    check_fold_files(oof_dir, folds, strict=not recompute)
     rows, keeps = [], []
     for fold in folds:
         npz = oof_dir / f"fold{fold}.npz"
@@ -70,10 +121,7 @@ def _score_experiment(oof_dir: Path, recompute: bool) -> pd.DataFrame:
             row = {"fold": fold, **metrics}
             keeps.append(_kept_by(npz.with_suffix(".json")))
         else:
-            stored = load_json(
-                npz.with_suffix(".json"),
-                hint="Score with --recompute (from the OOF embeddings), or retrain the fold with train.force=true.",
-            )
+            stored = load_json(npz.with_suffix(".json"), hint=RECOMPUTE_HINT)
             row = {"fold": fold, **{k: stored[k] for k in (*METRIC_COLUMNS, "n_queries", "best_epoch")}}
             keeps.append(str(stored.get("keep", "best")))
         rows.append(row)

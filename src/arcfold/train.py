@@ -104,7 +104,7 @@ from arcfold.distributed import (
     shard_range,
 )
 from arcfold.embed import extract_embeddings
-from arcfold.folds import ensure_folds, file_sha256, load_folds
+from arcfold.folds import TEST_FOLD, ensure_folds, file_sha256, verify_fold_file
 from arcfold.io import (
     ArtifactExistsError,
     CorruptFileError,
@@ -518,7 +518,8 @@ def _train_fold(
         check_resume_config(ckpt["config"], cfg, paths.last)
     # rank 0 makes the data set and the fold file (once, under their locks); the others wait, then read them
     folds_path = on_rank0(ctx, lambda: (ensure_dataset(cfg), ensure_folds(cfg))[1])
-    folds_df = load_folds(folds_path)
+    folds_df = verify_fold_file(folds_path)  # the CSV the folds stage wrote (hash, folds, groups), else an error
+    folds_df = folds_df[folds_df[FOLD] != TEST_FOLD].reset_index(drop=True)  # the test split: never trained on
     n_splits = int(folds_df[FOLD].max()) + 1
     if not 0 <= fold < n_splits:
         raise ValueError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")

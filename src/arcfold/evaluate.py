@@ -1,0 +1,401 @@
+"""Test stage: the held-out test split (fold -1 of the fold file) embedded by every finished fold model, and scored.
+
+The "seed protocol" of Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020): ``folds.test_fraction`` or
+``folds.test_groups`` hold whole groups out of every fold (:mod:`arcfold.folds`), so no choice made on OOF scores
+(epochs, blend weights, re-ranking, tuning) has seen them. Nothing but this stage reads those rows: training drops
+them, OOF files never contain them, and blend, rerank, tune and holdout read OOF files only.
+
+For an experiment, the test rows of the fold file its folds were trained from (``folds_path`` of the fold JSONs,
+verified, with the same sha256) are embedded with each finished fold model ``models/<exp>/fold<K>.pt`` through
+the preprocessing of OOF validation (``ImageDataset`` + ``build_eval_transform`` at the model's image size and
+``data.cache_images``, :func:`arcfold.embed.extract_embeddings` with the model's AMP and batch size), and scored by
+leave-one-out Recall@K / MAP@R (:func:`arcfold.metrics.retrieval_metrics`, ``DEFAULT_KS``) three ways:
+
+* ``separate``: each fold model alone; per fold, and mean ± std (``ddof=0``) over the folds;
+* ``concatenated``: the fold ensemble inference submits, ``blend_embeddings(per_fold, [1] * K)``: each fold's
+  L2-normalised embedding times ``1/sqrt(K)``, concatenated, so a cosine is the mean of the folds' cosines;
+* ``mean_of_folds``: ``l2(mean of the folds' embeddings)``, the old inference fold ensemble, kept only for
+  comparison: fold models do not share a basis, so averaging their vectors mixes unaligned spaces.
+
+Writes ``oof/<exp>/test.json`` (those numbers, the folds used, ``n_images`` / ``n_classes`` / ``n_queries``, the
+fold file and its sha256, the test groups, the date) and ``oof/<exp>/test.npz`` (``ids``, ``images``, ``labels``,
+``groups``, and one ``fold<K>`` embedding array ``(N, D)`` per fold model, rows in fold-file order), atomically;
+existing ones are kept unless ``--force``.
+
+For a blend spec (``--blend oof/blends/B.json``), each member experiment's folds (the spec's) are concatenated as
+above, then the members are combined with the spec's weights (:func:`arcfold.blend.blend_embeddings`); written to
+``oof/blends/B.test.json`` beside the spec: ``concatenated`` (the blend), ``mean_of_folds`` (members averaged over
+folds, then blended: the old inference) and ``members`` (each member's three scores).
+
+CLI::
+
+    python -m arcfold test -c CONFIG [key=value ...]            # or: --experiment NAME, or --blend oof/blends/B.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from arcfold.blend import blend_embeddings, load_blend_spec
+from arcfold.config import DataConfig
+from arcfold.data.dataset import ImageDataset
+from arcfold.data.table import (
+    FOLD,
+    GROUP,
+    ID,
+    IMAGE,
+    LABEL,
+    DataValidationError,
+    check_image_files,
+    image_root,
+    resolve_image_paths,
+)
+from arcfold.data.transforms import build_eval_transform
+from arcfold.embed import extract_embeddings
+from arcfold.folds import TEST_FOLD, file_sha256, verify_fold_file
+from arcfold.io import ArtifactExistsError, load_json, save_json, save_npz
+from arcfold.metrics import DEFAULT_KS, retrieval_metrics
+from arcfold.models.embedding import load_embedding_model
+from arcfold.score import finished_folds
+from arcfold.train import amp_dtype_for, resolve_device
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TEST_FORMAT", "evaluate_blend", "evaluate_experiment", "load_test_rows", "score_test_embeddings"]
+
+TEST_FORMAT = "arcfold.test/1"
+METRICS = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
+MEAN_OF_FOLDS_NOTE = (
+    "l2(mean of the fold models' embeddings): the old inference fold ensemble, for comparison only (fold models do "
+    "not share a basis); inference submits 'concatenated'"
+)
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _metrics(embeddings: np.ndarray, labels: np.ndarray, device: torch.device | str | None) -> dict[str, float]:
+    scores = retrieval_metrics(embeddings, labels, ks=DEFAULT_KS, device=device)
+    return {k: float(scores[k]) for k in METRICS}
+
+
+def score_test_embeddings(
+    per_fold: Mapping[int, np.ndarray], labels: np.ndarray, device: torch.device | str | None = None
+) -> dict[str, Any]:
+    """Leave-one-out scores of the test rows, embedded by each fold model (``per_fold[K]``: (N, D_K)).
+
+    Returns ``{"separate": {"per_fold": {"K": metrics}, "mean": .., "std": ..}, "concatenated": metrics,
+    "mean_of_folds": metrics}`` (metrics: Recall@K for ``DEFAULT_KS`` and MAP@R).
+    """
+    folds = sorted(per_fold)
+    separate = {str(k): _metrics(per_fold[k], labels, device) for k in folds}
+    table = pd.DataFrame.from_dict(separate, orient="index")[METRICS]
+    concatenated = blend_embeddings([per_fold[k] for k in folds], [1.0] * len(folds))  # (N, sum D_K)
+    mean_of_folds = _l2(np.mean([_l2(per_fold[k]) for k in folds], axis=0))  # needs equal D: old inference only
+    return {
+        "separate": {
+            "per_fold": separate,
+            "mean": table.mean().to_dict(),
+            "std": table.std(ddof=0).to_dict(),
+        },
+        "concatenated": _metrics(concatenated, labels, device),
+        "mean_of_folds": _metrics(mean_of_folds, labels, device),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the test rows of an experiment, and their embeddings
+
+
+def load_test_rows(exp_dir: str | Path, folds: Sequence[int]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The test split (fold -1) of the fold file the given folds of ``oof/<exp>/`` were trained from.
+
+    Refused (:class:`DataValidationError`, one line): folds trained from different fold files, a fold file that
+    is gone, edited (:func:`arcfold.folds.verify_fold_file`) or remade since (another sha256), or one without a
+    test split. Returns the rows (fold-file order) and ``{"folds_path", "folds_sha256", "test"}``.
+    """
+    exp_dir = Path(exp_dir)
+    hint = "Retrain the fold with train.force=true."
+    recorded = {k: load_json(exp_dir / f"fold{k}.json", hint=hint) for k in folds}
+    shas = {k: s.get("folds_sha256") for k, s in recorded.items()}
+    if len(set(shas.values())) > 1:
+        listing = ", ".join(f"fold {k}: {str(s)[:12]}" for k, s in shas.items())
+        raise DataValidationError(
+            f"{exp_dir}: the fold models were trained from different fold files ({listing}); "
+            "retrain the folds of the old fold file with train.force=true"
+        )
+    sha, folds_path = shas[folds[0]], recorded[folds[0]].get("folds_path")
+    if not folds_path or not Path(folds_path).is_file():
+        raise DataValidationError(f"{exp_dir}: the fold file its folds were trained from ({folds_path}) is not here")
+    folds_df = verify_fold_file(folds_path)
+    now = file_sha256(folds_path)
+    if now != sha:
+        raise DataValidationError(
+            f"{exp_dir}: its fold models were trained from another fold file than {folds_path} is now (sha256 "
+            f"{str(sha)[:12]} then, {now[:12]} now: remade since?); retrain the folds on it (train.force=true)"
+        )
+    meta = load_json(Path(folds_path).with_suffix(".json"))
+    test_df = folds_df[folds_df[FOLD] == TEST_FOLD].reset_index(drop=True)
+    if test_df.empty or not meta.get("test"):
+        raise DataValidationError(
+            f"{folds_path} has no test split (fold -1). Set folds.test_fraction (e.g. 0.2) or folds.test_groups, "
+            "remake the folds (`python -m arcfold folds -c CONFIG --force`) and retrain the folds on them"
+        )
+    return test_df, {"folds_path": str(folds_path), "folds_sha256": sha, "test": meta["test"]}
+
+
+def _eval_dataset(test_df: pd.DataFrame, data_cfg: DataConfig, size: int, progress: bool) -> ImageDataset:
+    """The rows as OOF validation reads them (``_train_fold``'s ``val_ds``): eval transform at ``size``."""
+    cache = data_cfg.cache_images
+    return ImageDataset(
+        resolve_image_paths(test_df, image_root(data_cfg)),
+        None,
+        build_eval_transform(size),
+        cache=cache,
+        cache_size=size if cache else None,
+        progress=progress,
+    )
+
+
+def embed_test_rows(
+    models_dir: str | Path,
+    folds: Sequence[int],
+    test_df: pd.DataFrame,
+    device: torch.device,
+    data_cfg: DataConfig | None = None,
+    progress: bool = True,
+) -> dict[int, np.ndarray]:
+    """``{K: (N, D) L2-normalised embeddings of the rows by models_dir/fold<K>.pt}``.
+
+    Images are found under ``data_cfg`` (default: the first checkpoint's config), each model reads them at its
+    own ``data.image_size`` with its ``train.amp`` (on ``device``), ``train.eval_batch_size`` and
+    ``data.num_workers``.
+    """
+    models_dir = Path(models_dir)
+    paths = {k: models_dir / f"fold{k}.pt" for k in folds}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"finished folds without their model: {', '.join(missing)} (retrain with train.force)")
+    datasets: dict[int, ImageDataset] = {}
+    per_fold = {}
+    for k in folds:
+        model, model_cfg, _ = load_embedding_model(paths[k], device)
+        if not datasets:  # the first model: check the files are there before any decoding
+            data_cfg = data_cfg or model_cfg.data
+            check_image_files(test_df, image_root(data_cfg), mode="exists", source="test split", progress=progress)
+        assert data_cfg is not None
+        size = model_cfg.data.image_size
+        if size not in datasets:
+            datasets[size] = _eval_dataset(test_df, data_cfg, size, progress)
+        per_fold[k] = extract_embeddings(
+            model,
+            datasets[size],
+            batch_size=model_cfg.train.eval_batch_size,
+            device=device,
+            amp_dtype=amp_dtype_for(model_cfg.train.amp, device),
+            num_workers=model_cfg.data.num_workers,
+            channels_last=model_cfg.train.channels_last,
+            progress=progress,
+            desc=f"{models_dir.name} fold {k} test",
+        )  # (N, D)
+        del model
+    return per_fold
+
+
+def _experiment_folds(oof_dir: Path, experiment: str, folds: Sequence[int] | None = None) -> list[int]:
+    exp_dir = oof_dir / experiment
+    finished = finished_folds(exp_dir) if exp_dir.is_dir() else []
+    if not finished:
+        raise FileNotFoundError(f"experiment '{experiment}' has no finished fold in {exp_dir} (train it first)")
+    if folds is None:
+        return finished
+    missing = sorted(set(folds) - set(finished))
+    if missing:
+        raise FileNotFoundError(f"fold {', '.join(map(str, missing))} of experiment '{experiment}' is not finished")
+    return sorted(folds)
+
+
+def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise ArtifactExistsError(f"{' and '.join(existing)} already written; --force scores the test split again")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _header(test_df: pd.DataFrame, info: dict[str, Any], folds: Sequence[int]) -> dict[str, Any]:
+    labels = test_df[LABEL].to_numpy()
+    class_size = pd.Series(labels).map(pd.Series(labels).value_counts())
+    return {
+        "format": TEST_FORMAT,
+        "folds": [int(k) for k in folds],
+        "n_images": len(test_df),
+        "n_classes": int(test_df[LABEL].nunique()),
+        "n_queries": int((class_size >= 2).sum()),
+        "test_groups": info["test"]["groups"],
+        "folds_path": info["folds_path"],
+        "folds_sha256": info["folds_sha256"],
+        "created_at": _now(),
+    }
+
+
+def evaluate_experiment(
+    experiment: str,
+    oof_dir: str | Path = "oof",
+    models_dir: str | Path = "models",
+    device: str | torch.device = "auto",
+    data_cfg: DataConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed and score the test split with every finished fold of ``experiment``; write test.json / test.npz."""
+    oof_dir = Path(oof_dir)
+    out_json, out_npz = oof_dir / experiment / "test.json", oof_dir / experiment / "test.npz"
+    _refuse_overwrite([out_json, out_npz], force)
+    folds = _experiment_folds(oof_dir, experiment)
+    test_df, info = load_test_rows(oof_dir / experiment, folds)
+    device = resolve_device(str(device), key="--device") if not isinstance(device, torch.device) else device
+    per_fold = embed_test_rows(Path(models_dir) / experiment, folds, test_df, device, data_cfg, progress)
+    result = {
+        **_header(test_df, info, folds),
+        "experiment": experiment,
+        **score_test_embeddings(per_fold, test_df[LABEL].to_numpy(), device),
+        "mean_of_folds_note": MEAN_OF_FOLDS_NOTE,
+    }
+    save_npz(
+        out_npz,
+        ids=test_df[ID].to_numpy(dtype=str),
+        images=test_df[IMAGE].to_numpy(dtype=str),
+        labels=test_df[LABEL].to_numpy(dtype=str),
+        groups=test_df[GROUP].to_numpy(dtype=str),
+        **{f"fold{k}": per_fold[k].astype(np.float32) for k in folds},
+    )
+    save_json(out_json, result)  # last: the JSON marks the stage done
+    return result
+
+
+def evaluate_blend(
+    spec_path: str | Path,
+    oof_dir: str | Path = "oof",
+    models_dir: str | Path = "models",
+    device: str | torch.device = "auto",
+    data_cfg: DataConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The test split scored for a blend spec: each member's folds concatenated, members blended by the spec's
+    weights; written to ``<spec>.test.json`` beside the spec."""
+    spec_path, oof_dir = Path(spec_path), Path(oof_dir)
+    out_json = spec_path.with_suffix(".test.json")
+    _refuse_overwrite([out_json], force)
+    spec = load_blend_spec(spec_path)
+    device = resolve_device(str(device), key="--device") if not isinstance(device, torch.device) else device
+    members: dict[str, dict[int, np.ndarray]] = {}
+    test_df, info = None, None
+    for exp in spec["experiments"]:
+        folds = _experiment_folds(oof_dir, exp, spec["folds"])
+        rows, exp_info = load_test_rows(oof_dir / exp, folds)
+        if info is not None and exp_info["folds_sha256"] != info["folds_sha256"]:
+            raise DataValidationError(f"{spec_path}: member '{exp}' was trained on another fold file than the others")
+        test_df, info = rows, exp_info
+        members[exp] = embed_test_rows(Path(models_dir) / exp, folds, rows, device, data_cfg, progress)
+    assert test_df is not None and info is not None
+    labels = test_df[LABEL].to_numpy()
+    folds = sorted(spec["folds"])
+    concatenated = [blend_embeddings([m[k] for k in folds], [1.0] * len(folds)) for m in members.values()]
+    averaged = [_l2(np.mean([_l2(m[k]) for k in folds], axis=0)) for m in members.values()]
+    result = {
+        **_header(test_df, info, folds),
+        "blend": spec["name"],
+        "experiments": list(spec["experiments"]),
+        "weights": list(spec["weights"]),
+        "concatenated": _metrics(blend_embeddings(concatenated, spec["weights"]), labels, device),
+        "mean_of_folds": _metrics(blend_embeddings(averaged, spec["weights"]), labels, device),
+        "mean_of_folds_note": MEAN_OF_FOLDS_NOTE,
+        "members": {exp: score_test_embeddings(m, labels, device) for exp, m in members.items()},
+    }
+    save_json(out_json, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def render_test(result: dict[str, Any]) -> str:
+    """The scores as a table: per fold, separate mean/std, concatenated, mean of folds."""
+    rows: dict[str, dict[str, float]] = {}
+
+    def add(prefix: str, scores: dict[str, Any]) -> None:
+        for k, m in scores["separate"]["per_fold"].items():
+            rows[f"{prefix}fold {k}"] = m
+        rows[f"{prefix}separate mean"] = scores["separate"]["mean"]
+        rows[f"{prefix}separate std"] = scores["separate"]["std"]
+
+    blend = "blend" in result
+    if blend:
+        for exp, scores in result["members"].items():
+            add(f"{exp} ", scores)
+            rows[f"{exp} concatenated"] = scores["concatenated"]
+    else:
+        add("", result)
+    rows["concatenated" + (", members blended" if blend else "")] = result["concatenated"]
+    rows["mean of folds (old inference, comparison only)"] = result["mean_of_folds"]
+    table = pd.DataFrame.from_dict(rows, orient="index")[METRICS]
+    name = f"blend '{result['blend']}'" if blend else result["experiment"]
+    head = (
+        f"{name}: test split of {result['folds_path']} ({result['n_images']} images, {result['n_classes']} classes, "
+        f"{result['n_queries']} queries; groups {', '.join(result['test_groups'])}), folds "
+        f"{', '.join(map(str, result['folds']))}, leave-one-out"
+    )
+    return head + "\n" + table.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from arcfold.cli import setup_logging
+    from arcfold.config import load_config
+
+    parser = argparse.ArgumentParser(prog="arcfold test", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", "-c", help="experiment config (its name and paths pick the experiment)")
+    source.add_argument("--experiment", "-e", help="experiment name (oof/<name>/, models/<name>/)")
+    source.add_argument("--blend", help="blend spec, e.g. oof/blends/B.json")
+    parser.add_argument("--oof-dir", default=None, help="default: paths.oof_dir of --config, else oof")
+    parser.add_argument("--models-dir", default=None, help="default: paths.models_dir of --config, else models")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: train.device of --config)")
+    parser.add_argument("--force", action="store_true", help="embed and score again, overwriting the outputs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.overrides and not args.config:
+        parser.error("key=value overrides need --config")
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    oof_dir = args.oof_dir or (cfg.paths.oof_dir if cfg else "oof")
+    models_dir = args.models_dir or (cfg.paths.models_dir if cfg else "models")
+    device = args.device or (cfg.train.device if cfg else "auto")
+    data_cfg = cfg.data if cfg else None
+    if args.blend:
+        result = evaluate_blend(args.blend, oof_dir, models_dir, device, data_cfg, args.force)
+        out = Path(args.blend).with_suffix(".test.json")
+    else:
+        name = args.experiment or cfg.name  # type: ignore[union-attr]
+        result = evaluate_experiment(name, oof_dir, models_dir, device, data_cfg, args.force)
+        out = Path(oof_dir) / name / "test.json"
+    print(f"\n{render_test(result)}\n")
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()
