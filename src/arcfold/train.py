@@ -566,7 +566,7 @@ def _train_fold(
         train_labels,
         train_tf,
         cache=cache,
-        cache_size=size if cache else None,
+        size=size,  # resized when read, cached or not: read_image, the resize of OOF and inference too
         progress=progress,
     )
     val_ds = ImageDataset(
@@ -574,7 +574,7 @@ def _train_fold(
         None,
         build_eval_transform(size),
         cache=cache,
-        cache_size=size if cache else None,
+        size=size,
         progress=progress,
     )
     if len(train_ds) < cfg.train.batch_size:
@@ -640,9 +640,9 @@ def _train_fold(
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_seed = base_seed * 1000 + epoch  # each epoch reproducible on its own, so resume replays it exactly
         seed_everything(epoch_seed)
-        # the ranks augment different images: each its own stream (rank 0's is the single-process one)
-        aug_seed = epoch_seed + ctx.rank * 10**9
-        train_tf.set_random_seed(aug_seed)
+        # augmentation seeded per sample from (epoch_seed, index): the same pixels whatever data.num_workers; the
+        # ranks take disjoint indices, so they augment different images, each as the single-process run does
+        train_ds.set_augment_seed(epoch_seed)
         if sampler is not None:
             sampler.set_epoch(epoch)
         batching: dict[str, Any] = {"batch_size": cfg.train.batch_size, "shuffle": sampler is None, "sampler": sampler}
@@ -657,7 +657,6 @@ def _train_fold(
             collate_fn=collate,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed),
-            worker_init_fn=lambda worker_id, s=aug_seed: train_tf.set_random_seed(s + 1 + worker_id),
             persistent_workers=False,
         )
         train_stats = _train_one_epoch(
