@@ -121,7 +121,8 @@ log = logging.getLogger(__name__)
 __all__ = ["DistributedTrainStep", "FoldPaths", "NonFiniteGuard", "NonFiniteLossError", "train_fold"]
 
 TRAIN_STATE_FORMAT = "arcfold.train_state/1"
-# config keys that may differ between a run and its resumption: they do not change what is computed
+# config keys that may differ between a run and its resumption: they do not change what is computed (each is
+# tried by tests/test_reliability_resume_keys.py; train.device only as long as the kind of device stays the same)
 RESUME_MAY_DIFFER = (
     "train.resume",
     "train.force",
@@ -619,6 +620,13 @@ def _train_fold(
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     sharded = cfg.head.sharded and ctx.enabled
     if ckpt is not None:  # every rank reads the same resume point
+        # train.device may be spelled otherwise (RESUME_MAY_DIFFER), but another kind of device computes otherwise
+        if ckpt.get("device_type", device.type) != device.type:
+            raise ArtifactExistsError(
+                f"{paths.last} was trained on {ckpt['device_type']}, this run is on {device.type} (train.device="
+                f"{cfg.train.device}), which would change the result; resume on {ckpt['device_type']}, or start "
+                "over with train.force=true"
+            )
         model.load_state_dict(ckpt["model"])
         if sharded:
             head.load_full_state_dict(ckpt["head"])
@@ -723,6 +731,7 @@ def _train_fold(
                 paths.last,
                 {
                     "format": TRAIN_STATE_FORMAT,
+                    "device_type": device.type,  # resumed on the same kind of device only
                     "config": config_to_dict(cfg),
                     "epoch": epoch,
                     "model": model.state_dict(),
