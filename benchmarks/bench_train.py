@@ -76,7 +76,8 @@ def setup(fold: int = 0) -> dict:
     paths = resolve_image_paths(train_df, image_root(cfg.data))
     transform = build_train_transform(cfg.data.augment, size, cfg.data.hflip, seed=0, normalise=False)  # uint8
     collate, _ = build_train_collate(torch.device("cpu"))  # stacks + normalises each batch in the loader
-    dataset = ImageDataset(paths, labels, transform, cache=cfg.data.cache_images, cache_size=size, progress=False)
+    dataset = ImageDataset(paths, labels, transform, cache=cfg.data.cache_images, size=size, progress=False)
+    dataset.set_augment_seed(0)  # reseeded per sample, as train_fold does
     seed_everything(0)
     model = build_model(cfg.model)
     head = build_head(cfg.head, cfg.model.embedding_size, len(classes))

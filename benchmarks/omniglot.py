@@ -98,7 +98,8 @@ def interleaved_throughput(cfg, fold: int, rounds: int = 7, batches: int = 12) -
     size, bs = cfg.data.image_size, cfg.train.batch_size
     paths = resolve_image_paths(train_df, image_root(cfg.data))
     transform = build_train_transform(cfg.data.augment, size, cfg.data.hflip, seed=0)
-    dataset = ImageDataset(paths, labels, transform, cache=True, cache_size=size, progress=False)
+    dataset = ImageDataset(paths, labels, transform, cache=True, size=size, progress=False)
+    dataset.set_augment_seed(0)  # reseeded per sample, as train_fold does
     model = build_model(cfg.model)
     head = build_head(cfg.head, cfg.model.embedding_size, len(classes))
     optimizer = build_optimizer(cfg, model, head)

@@ -66,8 +66,27 @@ def _paths(oof, glyphs_input: Path) -> list[str]:
     return [str(glyphs_input / "glyphs" / p) for p in oof["images"]]
 
 
-def test_one_fold_model_reproduces_the_oof_embeddings(trained, glyphs_input) -> None:
-    cfg, oof = _cfg(trained, glyphs_input, "folds=[0]")
+@pytest.fixture(scope="module", params=[True, False], ids=["cache-on", "cache-off"])
+def fold0_48px(request, tmp_path_factory, glyphs_input) -> Path:
+    """Fold 0 at 48 px, where the 64 px glyphs are resized by 3/4 (at 32 px, area and bilinear interpolation agree),
+    1 epoch of 2 batches, with ``data.cache_images`` on or off (one fold file for both): root as ``trained``."""
+    from arcfold.train import train_fold
+
+    root = tmp_path_factory.mktemp(f"infer_cache_{request.param}")
+    folds_dir = tmp_path_factory.getbasetemp() / "infer_cache_folds"
+    overrides = [*tmp_path_overrides(root), f"data.input_dir={glyphs_input}", f"paths.folds_dir={folds_dir}"]
+    cfg = load_config(
+        REPO / "configs" / "glyphs_arcface.yaml",
+        [*overrides, *TINY, f"name={EXP}", "data.image_size=48", "train.epochs=1", "train.limit_train_batches=2"]
+        + [f"data.cache_images={str(request.param).lower()}", "data.check_images=none"],
+    )
+    train_fold(cfg, 0)
+    return root
+
+
+def test_one_fold_model_reproduces_the_oof_embeddings(fold0_48px, glyphs_input) -> None:
+    """Training (cache on or off), its OOF embeddings and inference resize alike (arcfold.data.dataset.resize_image)."""
+    cfg, oof = _cfg(fold0_48px, glyphs_input, "folds=[0]")
     ensemble = load_ensemble(cfg, torch.device("cpu"))
     emb = embed_images(ensemble, _paths(oof, glyphs_input), tta=cfg.tta, progress=False)
     np.testing.assert_allclose(emb, oof["embeddings"], atol=1e-5)

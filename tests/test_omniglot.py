@@ -49,7 +49,7 @@ def test_two_epochs_beat_random_and_untrained_embeddings(tmp_path, omniglot_inpu
     torch.manual_seed(cfg.train.seed)
     untrained = build_model(cfg.model)
     paths = [str(omniglot_input / "omniglot" / p) for p in oof["images"]]
-    dataset = ImageDataset(paths, None, build_eval_transform(32), cache=True, cache_size=32, progress=False)
+    dataset = ImageDataset(paths, None, build_eval_transform(32), cache=True, size=32, progress=False)
     untrained_r1 = retrieval_metrics(extract_embeddings(untrained, dataset, progress=False), labels)["recall@1"]
     print(
         f"omniglot fold 0 R@1: trained {scores['recall@1']:.4f}, untrained {untrained_r1:.4f}, "

@@ -91,7 +91,7 @@ def test_checkpoint_alone_reproduces_the_oof_embeddings(finished_fold0, glyphs_i
     model, cfg, ckpt = load_embedding_model(tmp_path / "models" / "tiny" / "fold0.pt")
     oof = load_npz(tmp_path / "oof" / "tiny" / "fold0.npz")
     paths = [str(glyphs_input / "glyphs" / p) for p in oof["images"][:40]]
-    dataset = ImageDataset(paths, None, build_eval_transform(cfg.data.image_size), cache=True, cache_size=32)
+    dataset = ImageDataset(paths, None, build_eval_transform(cfg.data.image_size), cache=True, size=32)
     embeddings = extract_embeddings(model, dataset, batch_size=16, progress=False)
     np.testing.assert_allclose(embeddings, oof["embeddings"][:40], atol=1e-4)
     assert ckpt["epoch"] == json.loads((tmp_path / "oof" / "tiny" / "fold0.json").read_text())["best_epoch"]

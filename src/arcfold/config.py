@@ -61,8 +61,8 @@ class DataConfig:
     image_size: int = 64
     augment: str = "light"  # preset name, see arcfold.data.transforms.AUGMENT_PRESETS
     hflip: float = 0.0  # horizontal-flip probability; 0 for characters (a flip changes them), ~0.5 for objects
-    cache_images: bool = True  # decode + resize every image once into RAM (fits for small/medium data sets)
-    num_workers: int = 0  # DataLoader workers; 0 = in-process (best on 2-core machines with the cache)
+    cache_images: bool = True  # decode + resize once into RAM (small/medium data sets); off: each epoch, same pixels
+    num_workers: int = 0  # DataLoader workers; 0 = in-process (best on 2 cores with the cache); never changes results
     check_images: str = "decode"  # before training: "decode" every image, only check it "exists", or "none"
     # true: images that cannot be decoded are left out of training and validation, and counted (fold JSON,
     # log); false (default): any such image is an error naming its row. Missing files are always an error.

@@ -162,7 +162,7 @@ def _eval_dataset(test_df: pd.DataFrame, data_cfg: DataConfig, size: int, progre
         None,
         build_eval_transform(size),
         cache=cache,
-        cache_size=size if cache else None,
+        size=size,  # read_image resizes, cached or not: the resize of training, OOF and inference
         progress=progress,
     )
 

@@ -10,8 +10,8 @@ What it does, in order (timings of each stage are logged at the end):
    ``folds.n_splits`` folds (a missing fold is an error naming it, unless ``allow_missing_folds=true`` or
    ``folds=[...]`` picks some); ``blend: PATH`` uses a blend spec (``python -m arcfold blend``) and all of its
    member experiments. Checkpoints are loaded with ``torch.load(weights_only=True)``: no code runs from them.
-2. **Embedding.** Every image is decoded once per pass and resized (OpenCV ``INTER_AREA``, as the training
-   cache does) to each size the models need: ``image_size × scale`` for each ``tta.scales``; ``tta.hflip`` adds
+2. **Embedding.** Every image is decoded once per pass and resized by :func:`arcfold.data.dataset.resize_image`
+   (as in training) to each size the models need: ``image_size × scale`` for each ``tta.scales``; ``tta.hflip`` adds
    the mirrored view. A model's embedding of an image is the mean of its views' L2-normalised embeddings,
    normalised; an experiment's is the mean over its folds, normalised; a blend concatenates its experiments
    with ``sqrt(weight)`` (:func:`arcfold.blend.blend_embeddings`). With one fold model, no TTA and scale 1 the
@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -58,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from arcfold.config import ConfigError, load_structured
-from arcfold.data.dataset import read_image
+from arcfold.data.dataset import read_image, resize_image
 from arcfold.data.table import DataValidationError, _raise_problems, _where, read_csv
 from arcfold.data.transforms import BatchNormalise as _Normalise  # shared with training's loader
 
@@ -329,13 +328,8 @@ class _MultiSizeDataset(Dataset):
             raise DataValidationError(
                 f"row {index} (line {index + 2}): cannot decode image {path} (corrupt or not an image)"
             ) from None
-        views = {}
-        for size in self.sizes:
-            resized = image
-            if image.shape[:2] != (size, size):
-                resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            views[size] = np.ascontiguousarray(resized.transpose(2, 0, 1))  # (3, s, s) uint8
-        return views
+        # (3, s, s) uint8 per size, resized as training resizes
+        return {size: np.ascontiguousarray(resize_image(image, size).transpose(2, 0, 1)) for size in self.sizes}
 
 
 def _collate_views(items: list[dict[int, np.ndarray]], normalise: _Normalise | None = None) -> dict[int, torch.Tensor]:

@@ -131,7 +131,8 @@ log = logging.getLogger(__name__)
 __all__ = ["DistributedTrainStep", "FoldPaths", "NonFiniteGuard", "NonFiniteLossError", "train_fold"]
 
 TRAIN_STATE_FORMAT = "arcfold.train_state/1"
-# config keys that may differ between a run and its resumption: they do not change what is computed
+# config keys that may differ between a run and its resumption: they do not change what is computed (each is
+# tried by tests/test_reliability_resume_keys.py; train.device only as long as the kind of device stays the same)
 RESUME_MAY_DIFFER = (
     "train.resume",
     "train.force",
@@ -577,7 +578,7 @@ def _train_fold(
         train_labels,
         train_tf,
         cache=cache,
-        cache_size=size if cache else None,
+        size=size,  # resized when read, cached or not: read_image, the resize of OOF and inference too
         progress=progress,
     )
     val_ds = ImageDataset(
@@ -585,7 +586,7 @@ def _train_fold(
         None,
         build_eval_transform(size),
         cache=cache,
-        cache_size=size if cache else None,
+        size=size,
         progress=progress,
     )
     if len(train_ds) < cfg.train.batch_size:
@@ -631,6 +632,13 @@ def _train_fold(
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     sharded = cfg.head.sharded and ctx.enabled
     if ckpt is not None:  # every rank reads the same resume point
+        # train.device may be spelled otherwise (RESUME_MAY_DIFFER), but another kind of device computes otherwise
+        if ckpt.get("device_type", device.type) != device.type:
+            raise ArtifactExistsError(
+                f"{paths.last} was trained on {ckpt['device_type']}, this run is on {device.type} (train.device="
+                f"{cfg.train.device}), which would change the result; resume on {ckpt['device_type']}, or start "
+                "over with train.force=true"
+            )
         model.load_state_dict(ckpt["model"])
         if sharded:
             head.load_full_state_dict(ckpt["head"])
@@ -652,9 +660,9 @@ def _train_fold(
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_seed = base_seed * 1000 + epoch  # each epoch reproducible on its own, so resume replays it exactly
         seed_everything(epoch_seed)
-        # the ranks augment different images: each its own stream (rank 0's is the single-process one)
-        aug_seed = epoch_seed + ctx.rank * 10**9
-        train_tf.set_random_seed(aug_seed)
+        # augmentation seeded per sample from (epoch_seed, index): the same pixels whatever data.num_workers; the
+        # ranks take disjoint indices, so they augment different images, each as the single-process run does
+        train_ds.set_augment_seed(epoch_seed)
         if sampler is not None:
             sampler.set_epoch(epoch)
         batching: dict[str, Any] = {"batch_size": cfg.train.batch_size, "shuffle": sampler is None, "sampler": sampler}
@@ -669,7 +677,6 @@ def _train_fold(
             collate_fn=collate,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed),
-            worker_init_fn=lambda worker_id, s=aug_seed: train_tf.set_random_seed(s + 1 + worker_id),
             persistent_workers=False,
         )
         train_stats = _train_one_epoch(
@@ -739,6 +746,7 @@ def _train_fold(
                 paths.last,
                 {
                     "format": TRAIN_STATE_FORMAT,
+                    "device_type": device.type,  # resumed on the same kind of device only
                     "config": config_to_dict(cfg),
                     "epoch": epoch,
                     "model": model.state_dict(),

@@ -1,11 +1,14 @@
 """albumentations pipelines, picked by preset name, and the batch normalisation that can replace their last step.
 
-Every pipeline ends in ``Resize -> Normalize (ImageNet statistics, what timm's pretrained weights
-expect) -> ToTensorV2`` and returns a ``(3, H, W)`` float tensor. Train presets add geometric and
-photometric noise of increasing strength; horizontal flips are a separate knob (``data.hflip``)
-because they change the identity of characters and text but not of most objects.
+The pipelines do not resize: their input must already be ``image_size x image_size`` (an error says so
+otherwise), as :class:`arcfold.data.dataset.ImageDataset` reads it through
+:func:`arcfold.data.dataset.resize_image`, the one resize of training, OOF and inference. Every pipeline ends in
+``Normalize (ImageNet statistics, what timm's pretrained weights expect) -> ToTensorV2`` and returns a
+``(3, H, W)`` float tensor. Train presets add geometric and photometric noise of increasing strength (``strong``
+crops and resizes back to ``image_size``); horizontal flips are a separate knob (``data.hflip``) because they
+change the identity of characters and text but not of most objects.
 
-``build_train_transform(..., normalise=False)`` stops after ``Resize`` (a ``(H, W, 3)`` uint8 array per image);
+``build_train_transform(..., normalise=False)`` stops before ``Normalize`` (a ``(H, W, 3)`` uint8 array per image);
 :func:`collate_uint8` stacks such images and :class:`BatchNormalise` normalises the whole batch at once, bit for
 bit what ``Normalize -> ToTensorV2`` gives per image (normalisation is pointwise and draws no random numbers),
 but one numpy pass per batch instead of per-image float work, and a quarter of the bytes to move (between
@@ -27,6 +30,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BatchNormalise",
+    "RequireSize",
     "build_eval_transform",
     "build_train_transform",
     "collate_uint8",
@@ -84,27 +88,49 @@ AUGMENT_PRESETS: dict[str, Callable[[int], list[A.BasicTransform]]] = {
 }
 
 
-def _finish(image_size: int, normalise: bool = True) -> list[A.BasicTransform]:
-    resize = [A.Resize(image_size, image_size)]
-    return [*resize, A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()] if normalise else resize
+class RequireSize(A.ImageOnlyTransform):
+    """Passes a ``(size, size, C)`` image through unchanged; any other size is an error (the pipelines do not resize:
+    read images with ``arcfold.data.dataset.read_image(path, size)``). Draws no random number."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(p=1.0)
+        self.size = size
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        if img.shape[:2] != (self.size, self.size):
+            raise ValueError(
+                f"image of {img.shape[1]}x{img.shape[0]} px, the transform expects {self.size}x{self.size}: resize "
+                "it with arcfold.data.dataset.read_image(path, size) / resize_image (ImageDataset(size=...))"
+            )
+        return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size",)
+
+
+def _finish(normalise: bool = True) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()] if normalise else []
 
 
 def build_train_transform(
     preset: str, image_size: int, hflip: float = 0.0, seed: int | None = None, normalise: bool = True
 ) -> A.Compose:
     """The ``preset`` augmentation; ``normalise=False`` leaves out ``Normalize -> ToTensorV2`` (uint8 (H, W, 3)
-    out, for :func:`collate_uint8` + :class:`BatchNormalise`; the random stream is the same either way)."""
+    out, for :func:`collate_uint8` + :class:`BatchNormalise`; the random stream is the same either way).
+
+    ``seed`` seeds albumentations' own streams (the same seed in every transform: their draws coincide); training
+    reseeds per sample instead (:meth:`arcfold.data.dataset.ImageDataset.set_augment_seed`)."""
     if preset not in AUGMENT_PRESETS:
         raise ValueError(f"data.augment={preset!r} is unknown; choose one of {', '.join(AUGMENT_PRESETS)}")
     steps = AUGMENT_PRESETS[preset](image_size)
     if hflip > 0:
         steps.append(A.HorizontalFlip(p=hflip))
-    return A.Compose([*steps, *_finish(image_size, normalise)], seed=seed)
+    return A.Compose([RequireSize(image_size), *steps, *_finish(normalise)], seed=seed)
 
 
 def build_eval_transform(image_size: int, hflip: bool = False) -> A.Compose:
-    """Resize + normalise; ``hflip=True`` always flips (the flipped view of test-time augmentation)."""
-    return A.Compose([*([A.HorizontalFlip(p=1.0)] if hflip else []), *_finish(image_size)])
+    """Normalise an ``image_size`` image; ``hflip=True`` always flips (the flipped view of test-time augmentation)."""
+    return A.Compose([RequireSize(image_size), *([A.HorizontalFlip(p=1.0)] if hflip else []), *_finish()])
 
 
 class BatchNormalise:
