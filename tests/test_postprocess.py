@@ -301,6 +301,30 @@ def test_vote_labels_new_label_threshold() -> None:
     np.testing.assert_array_equal(scores[0], [0.875, 0.75, 0.375])
 
 
+def test_vote_labels_fill_lists_the_further_neighbours_after_the_vote_and_the_new_label() -> None:
+    # k=1: the vote itself sees one neighbour (row 0: a; row 1: d); fill=True takes the labels of the other
+    # columns in the order of the vote over all 4 (row 0 max: b 0.75, c 0.375; row 1: c 0.5, b 0.375).
+    labels, scores = vote_labels(VOTE_IDX, VOTE_SIMS, VOTE_LABELS, k=1, top=4, fill=True)
+    assert labels.tolist() == [["a", "b", "c", None], ["d", "c", "b", None]]  # only 3 labels among 4 neighbours
+    np.testing.assert_array_equal(scores[:, :3], [[0.875, 0.75, 0.375], [0.5, 0.5, 0.375]])
+    assert np.isnan(scores[:, 3]).all()
+    # The new label keeps the place the threshold gives it without filling (right after the vote's own label,
+    # even where a filled label scores more than the threshold: row 0's b 0.75 > 0.25); the fill comes after it.
+    labels, scores = vote_labels(VOTE_IDX, VOTE_SIMS, VOTE_LABELS, k=1, new_label="new", threshold=0.25, top=4,
+                                 fill=True)  # fmt: skip
+    assert labels.tolist() == [["a", "new", "b", "c"], ["d", "new", "c", "b"]]
+    np.testing.assert_array_equal(scores, np.float32([[0.875, 0.25, 0.75, 0.375], [0.5, 0.25, 0.5, 0.375]]))
+    # sum mode: the fill is ranked by the summed vote (row 0: b 0.75 + 0.5 = 1.25 before c 0.375)
+    labels, _ = vote_labels(VOTE_IDX, VOTE_SIMS, VOTE_LABELS, k=1, mode="sum", top=3, fill=True)
+    assert labels.tolist() == [["a", "b", "c"], ["d", "c", "b"]]
+    # a full row, or k = all columns: fill changes nothing
+    for k, top in ((4, 3), (2, 2)):
+        plain = vote_labels(VOTE_IDX, VOTE_SIMS, VOTE_LABELS, k=k, top=top)
+        filled = vote_labels(VOTE_IDX, VOTE_SIMS, VOTE_LABELS, k=k, top=top, fill=True)
+        assert plain[0].tolist() == filled[0].tolist()
+        np.testing.assert_array_equal(plain[1], filled[1])
+
+
 def _vote_row_by_hand(labels: list, sims: list, mode: str, top: int) -> list:
     """The voting rule for one row, in plain Python: score per label, ranked by (-score, first rank)."""
     scores: dict = {}

@@ -143,6 +143,15 @@ def test_validator_refuses_broken_files(tmp_path, fmt, text, message) -> None:
         )
 
 
+def test_validator_min_predictions_refuses_short_rows() -> None:
+    frame = pd.DataFrame({"image": ["q1", "q2"], "predictions": ["a b c d e", "new a b c"]})
+    with pytest.raises(SubmissionError, match=r"line 3, column 'predictions': 4 prediction\(s\), 5 expected"):
+        validate_submission(frame, "top5", ["q1", "q2"], labels=list("abcde"), new_label="new", min_predictions=5)
+    validate_submission(frame, "top5", ["q1", "q2"], labels=list("abcde"), new_label="new")  # not asked: fine
+    frame = pd.DataFrame({"id": ["q1"], "landmarks": [""]})  # recognition: one label or none, never counted
+    validate_submission(frame, "recognition", ["q1"], labels=["a"], min_predictions=5)
+
+
 def test_validator_accepts_the_new_label_only_in_top5() -> None:
     frame = pd.DataFrame({"image": ["q1"], "predictions": ["new a"]})
     validate_submission(frame, "top5", ["q1"], labels=["a"], new_label="new")

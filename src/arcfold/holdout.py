@@ -4,7 +4,14 @@
 :func:`arcfold.rerank.recognition_split` does: a fraction of the classes is "new" (queries only, truth
 ``--new-label``); of every other class half of the images are queries and the rest the labelled gallery.
 Only that fold's own model never saw these images, so an honest local score uses ``folds=[K]`` at inference
-(the other folds' models trained on them). Files written to ``--out``:
+(the other folds' models trained on them).
+
+``make --split test`` splits the same way the rows of the held-out test split instead (``fold == -1`` in the fold
+CSV named by ``folds_path`` in the experiment's ``oof/<exp>/fold<K>.json``; "A Metric Learning Reality Check"'s
+seed protocol, made by ``folds.test_fraction`` / ``folds.test_groups``). No fold model trained or validated on
+them, so inference may use every fold (the default) and the score is that of the submitted fold ensemble. The
+fold CSV must be the one the experiment's folds were trained on (its sha256 is checked against the fold JSONs).
+Files written to ``--out``:
 
 ``query.csv``    ``id,image``                 (what a competition's test CSV gives)
 ``gallery.csv``  ``id,image,label``           (the index / train images with their labels)
@@ -19,6 +26,7 @@ Image paths are as in the training CSV, relative to the data set's image folder,
 CLI::
 
     python -m arcfold holdout make --experiment NAME --fold 0 --out holdout/NAME [--new-fraction 0.2]
+    python -m arcfold holdout make --experiment NAME --split test --out holdout/NAME_test
     python -m arcfold holdout score --submission submissions/NAME.csv --holdout holdout/NAME --format top5
 """
 
@@ -50,18 +58,83 @@ log = logging.getLogger(__name__)
 __all__ = ["make_holdout", "score_holdout"]
 
 
+TEST_FOLD = -1  # the fold number of the held-out test split's rows in a fold CSV
+
+
+def _test_split_rows(exp_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """ids, images, labels of the fold CSV's test rows (``fold == -1``), and where they came from."""
+    from arcfold.data.table import FOLD, ID, IMAGE, LABEL, DataValidationError
+    from arcfold.folds import file_sha256
+
+    records = sorted(exp_dir.glob("fold*.json"))
+    records = [p for p in records if p.stem[4:].isdigit()]
+    if not records:
+        raise FileNotFoundError(f"no finished fold in {exp_dir} (fold<K>.json): train one, it names the fold file")
+    sources = {}
+    for path in records:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        sources[(record["folds_path"], record["folds_sha256"])] = path.name
+    if len(sources) > 1:
+        listed = "; ".join(f"{name}: {folds_path}" for (folds_path, _), name in sources.items())
+        raise DataValidationError(f"{exp_dir}: the folds were trained on different fold files ({listed})")
+    (folds_path, sha256), _ = next(iter(sources.items()))
+    folds_path = Path(folds_path)
+    if not folds_path.is_file():
+        raise FileNotFoundError(f"{folds_path} (the fold file of {exp_dir}) not found")
+    if file_sha256(folds_path) != sha256:
+        raise DataValidationError(
+            f"{folds_path} changed since {exp_dir}'s folds were trained on it (sha256 differs): its test split may "
+            "not be the one the models never saw; restore the file or train the experiment again"
+        )
+    df = read_csv(folds_path)
+    missing = [c for c in (ID, IMAGE, LABEL, FOLD) if c not in df]
+    if missing:
+        raise DataValidationError(f"{folds_path}: not a fold file, missing columns {missing}")
+    rows = (pd.to_numeric(df[FOLD].str.strip(), errors="coerce") == TEST_FOLD).to_numpy()
+    if not rows.any():
+        raise DataValidationError(
+            f"{folds_path} has no test split (no row with {FOLD} = {TEST_FOLD}): make one with folds.test_fraction "
+            "or folds.test_groups (python -m arcfold folds -c CONFIG --force), or use --fold K"
+        )
+    test = df[rows]
+    source = {"folds_path": str(folds_path), "folds_sha256": sha256}
+    return test[ID].to_numpy(str), test[IMAGE].to_numpy(str), test[LABEL].to_numpy(str), source
+
+
 def make_holdout(
-    oof_dir: str | Path, experiment: str, fold: int, out: str | Path, *, new_fraction: float, new_label: str, seed: int
+    oof_dir: str | Path,
+    experiment: str,
+    fold: int | None,
+    out: str | Path,
+    *,
+    new_fraction: float,
+    new_label: str,
+    seed: int,
+    split: str = "fold",
 ) -> dict[str, Any]:
+    """Write query/gallery/truth CSVs from fold ``fold``'s OOF rows, or (``split="test"``, ``fold=None``) from the
+    fold CSV's test split; returns what ``holdout.json`` records."""
     from arcfold.rerank import recognition_split
 
     exp_dir = Path(oof_dir) / experiment
-    arrays = load_npz(exp_dir / f"fold{fold}.npz")
-    config = yaml.safe_load((exp_dir / f"fold{fold}.config.yaml").read_text(encoding="utf-8"))
-    data = config["data"]
+    source: dict[str, Any] = {}
+    if split == "test":
+        if fold is not None:
+            raise ValueError("split='test' takes no fold: the test split is no fold's")
+        ids, images, labels, source = _test_split_rows(exp_dir)
+        config_path = min(exp_dir.glob("fold*.config.yaml"), default=exp_dir / "fold<K>.config.yaml")
+        q, g, is_new = recognition_split(labels, new_fraction, seed)
+    elif split == "fold":
+        if fold is None:
+            raise ValueError("split='fold' needs a fold number")
+        arrays = load_npz(exp_dir / f"fold{fold}.npz")
+        config_path = exp_dir / f"fold{fold}.config.yaml"
+        ids, images, labels = arrays["ids"].astype(str), arrays["images"].astype(str), arrays["labels"].astype(str)
+        q, g, is_new = recognition_split(labels, new_fraction, seed + fold)
+    else:
+        raise ValueError(f"split must be 'fold' or 'test', got {split!r}")
+    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))["data"]
     image_root = (Path(data["input_dir"]) / data["dataset"] / data["image_dir"]).resolve()
-    ids, images, labels = arrays["ids"].astype(str), arrays["images"].astype(str), arrays["labels"].astype(str)
-    q, g, is_new = recognition_split(labels, new_fraction, seed + fold)
     out = Path(out)
     save_text(out / "query.csv", pd.DataFrame({"id": ids[q], "image": images[q]}).to_csv(index=False))
     save_text(
@@ -71,7 +144,9 @@ def make_holdout(
     save_text(out / "truth.csv", truth.to_csv(index=False))
     info = {
         "experiment": experiment,
+        "split": split,
         "fold": fold,
+        **source,
         "image_root": str(image_root),
         "n_query": int(len(q)),
         "n_gallery": int(len(g)),
@@ -122,9 +197,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="arcfold holdout", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make", help="write query/gallery/truth CSVs from one fold's held-out images")
+    make = sub.add_parser("make", help="write query/gallery/truth CSVs from one fold's or the test split's images")
     make.add_argument("--experiment", "-e", required=True)
-    make.add_argument("--fold", type=int, required=True)
+    which = make.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fold", type=int, help="the rows of oof/<exp>/fold<K>.npz (use folds=[K] at inference)")
+    which.add_argument("--split", choices=["test"], help="the fold CSV's test split (fold -1): every fold may be used")
     make.add_argument("--out", required=True)
     make.add_argument("--oof-dir", default="oof")
     make.add_argument("--new-fraction", type=float, default=0.2)
@@ -145,14 +222,16 @@ def main(argv: list[str] | None = None) -> None:
             new_fraction=args.new_fraction,
             new_label=args.new_label,
             seed=args.seed,
+            split=args.split or "fold",
         )
         log.info(
-            "wrote %s: %d queries (%d new), %d gallery images; images are under %s",
+            "wrote %s: %d queries (%d new), %d gallery images; images are under %s; at inference use %s",
             args.out,
             info["n_query"],
             info["n_new_queries"],
             info["n_gallery"],
             info["image_root"],
+            "every fold (no fold model saw the test split)" if args.split else f"folds=[{args.fold}] only",
         )
     else:
         scores = score_holdout(args.submission, args.holdout, args.format)

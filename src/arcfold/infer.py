@@ -13,20 +13,35 @@ What it does, in order (timings of each stage are logged at the end):
 2. **Embedding.** Every image is decoded once per pass and resized by :func:`arcfold.data.dataset.resize_image`
    (as in training) to each size the models need: ``image_size × scale`` for each ``tta.scales``; ``tta.hflip`` adds
    the mirrored view. A model's embedding of an image is the mean of its views' L2-normalised embeddings,
-   normalised; an experiment's is the mean over its folds, normalised; a blend concatenates its experiments
-   with ``sqrt(weight)`` (:func:`arcfold.blend.blend_embeddings`). With one fold model, no TTA and scale 1 the
+   normalised. An experiment's K fold models are combined like a blend of K equal members
+   (:func:`arcfold.blend.blend_embeddings` with weights ``[1] * K``): each fold's embedding times ``1/sqrt(K)``,
+   concatenated (K × D dims), so the similarity of two images is the mean of the folds' cosines. (Averaging the
+   vectors instead would add up unrelated coordinates: every fold model has its own basis.) ``fold_pca=true``
+   reduces each experiment's concatenation back to ``fold_pca_dim`` dims (default: one fold's D) with an
+   uncentred PCA (scikit-learn's ``TruncatedSVD``) fitted on the gallery and applied to query and gallery alike,
+   then L2-normalised: search memory and time of one model for a little accuracy (an uncentred projection keeps
+   the cosine scale the vote threshold was chosen on; it is exact when the folds' embeddings span only D dims).
+   A blend concatenates its experiments with ``sqrt(weight)``. With one fold model, no TTA and scale 1 the
    embeddings equal the OOF ones the train stage wrote for the same images.
 3. **Search + re-ranking.** :func:`arcfold.postprocess.rerank_pipeline` with the steps of a rerank spec
    (``python -m arcfold rerank``; ``rerank: auto`` takes the spec of the submission's task, ``retrieval`` or
    ``recognition`` (for both recognition and top5): ``<oof_dir>/<experiment>/rerank-<task>.json``, then the same
    name under ``<models_dir>/<experiment>/``, or ``<blend>.rerank-<task>.json`` beside a blend spec; ``none``
    turns it off; a path names one) and the search settings of ``search`` (exact / IVF / HNSW, faiss GPU when
-   present, chunked).
+   present, chunked). ``recognition`` and ``top5`` need the recognition spec's vote (its ``new_label``
+   threshold was chosen on OOF): without one, ``rerank: auto`` is an error naming the command that makes it
+   (``python -m arcfold rerank --experiment NAME --task recognition``), and so is a spec of the retrieval task;
+   ``rerank: none`` votes with the config's ``vote`` instead (a warning for top5 when ``vote.threshold`` is null:
+   the new label is then never predicted).
 4. **Submission.** ``submission.format`` (see :mod:`arcfold.submission`): ``retrieval`` writes the top
    ``submission.top_k`` gallery ids; ``recognition`` and ``top5`` vote over the neighbours' gallery labels
    (``gallery.label_column`` required) with the rerank spec's vote settings (else ``vote``), ``top5`` inserting
-   ``submission.new_label`` below the threshold. The file is validated before it is written (atomically) to
-   ``<out_dir>/<name>.csv``; with ``save_embeddings=true`` the embeddings go to ``<out_dir>/<name>.npz``.
+   ``submission.new_label`` below the threshold. ``top5`` always lists 5 distinct labels (fewer only if the
+   gallery has fewer): the search returns ``max(vote.k, 50)`` neighbours and the slots the vote leaves empty are
+   filled, after the vote's own labels and the new label, by the labels of the further neighbours in vote order
+   (:func:`arcfold.postprocess.vote_labels` with ``fill``); rows still short are searched again 4× deeper. The
+   file is validated before it is written (atomically) to ``<out_dir>/<name>.csv``; with ``save_embeddings=true``
+   the embeddings go to ``<out_dir>/<name>.npz``.
 
 Config: :class:`InferenceConfig` (YAML file with ``base:`` chains and ``key=value`` overrides, unknown keys are
 errors, as for training). Example::
@@ -39,7 +54,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
 import os
 import queue
 import threading
@@ -63,9 +77,20 @@ from arcfold.data.transforms import BatchNormalise as _Normalise  # shared with 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InferenceConfig", "embed_images", "load_ensemble", "load_inference_config", "run_inference"]
+__all__ = [
+    "InferenceConfig",
+    "combine_experiments",
+    "embed_experiments",
+    "embed_images",
+    "load_ensemble",
+    "load_inference_config",
+    "predict_labels",
+    "reduce_fold_ensembles",
+    "run_inference",
+]
 
 DEFAULT_NEW_LABEL = "new_individual"
+TOP5_DEPTH = 50  # neighbours searched for a top5 submission (at least vote.k): enough to fill 5 labels
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,6 +151,11 @@ class InferenceConfig:
     models_dir: str = "models"  # <models_dir>/<experiment>/fold<K>.pt; may be read-only
     folds: list[int] | None = None  # default: all n_splits folds of each experiment
     allow_missing_folds: bool = False  # use the folds that exist when some are missing
+    # The K folds of an experiment are concatenated (K x D dims, similarity = mean of the folds' cosines).
+    # fold_pca=true reduces that back to fold_pca_dim dims (null: one fold's D) by an uncentred PCA fitted on the
+    # gallery: K times less search memory and time, for a little accuracy. No effect on one-fold experiments.
+    fold_pca: bool = False
+    fold_pca_dim: int | None = None
     query: TableConfig = field(default_factory=TableConfig)
     gallery: TableConfig = field(default_factory=TableConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
@@ -180,6 +210,8 @@ def _validate(cfg: InferenceConfig) -> None:
         problems.append(f"tta.scales must be positive numbers (got {cfg.tta.scales})")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         problems.append(f"num_workers must be >= 0 or null for auto (got {cfg.num_workers})")
+    if cfg.fold_pca_dim is not None and cfg.fold_pca_dim < 1:
+        problems.append(f"fold_pca_dim must be >= 1 or null (got {cfg.fold_pca_dim})")
     for name in ("batch_size", "vote.k", "submission.top_k"):
         value = OmegaConf.select(OmegaConf.structured(cfg), name)
         if value < 1:
@@ -245,7 +277,7 @@ class FoldModel:
 
 @dataclass
 class Ensemble:
-    """The models to run and how to combine them: experiments (each a mean over folds) blended with weights."""
+    """The models to run and how to combine them: experiments (each its folds concatenated) blended with weights."""
 
     name: str
     experiments: list[str]
@@ -402,8 +434,24 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def embed_images(ensemble: Ensemble, paths: Sequence[str], **kwargs: Any) -> np.ndarray:
+    """The ensemble's embedding of every image: (N, D) float32, unit norm (see the module doc for the combination).
+
+    Each experiment's folds concatenated (:func:`embed_experiments`), the experiments blended with their weights.
+    Keyword arguments as for :func:`embed_experiments`.
+    """
+    return combine_experiments(ensemble, embed_experiments(ensemble, paths, **kwargs))
+
+
+def combine_experiments(ensemble: Ensemble, members: list[np.ndarray]) -> np.ndarray:
+    """Blend the experiments' embeddings (one (N, D_i) array each) with the ensemble's weights; (N, sum D_i)."""
+    from arcfold.blend import blend_embeddings
+
+    return members[0] if len(members) == 1 else blend_embeddings(members, ensemble.weights)
+
+
 @torch.inference_mode()
-def embed_images(
+def embed_experiments(
     ensemble: Ensemble,
     paths: Sequence[str],
     *,
@@ -415,8 +463,10 @@ def embed_images(
     prefetch: bool = False,
     progress: bool = True,
     desc: str = "embedding",
-) -> np.ndarray:
-    """The ensemble's embedding of every image: (N, D) float32, unit norm (see the module doc for the combination).
+) -> list[np.ndarray]:
+    """Each experiment's embedding of every image: its K fold models' embeddings, each L2-normalised and scaled by
+    ``1/sqrt(K)``, concatenated: ``blend_embeddings(per_fold, [1] * K)``, (N, K × D) float32, unit norm. The inner
+    product of two rows is the mean of the folds' cosine similarities (the folds' spaces are never mixed).
 
     ``num_workers > 0`` decodes in DataLoader worker processes (on CUDA: the CPU is free while the GPU computes).
     ``num_workers=0`` decodes in the main thread between batches, or with ``prefetch=True`` in a background thread
@@ -461,8 +511,43 @@ def embed_images(
     members = []
     for exp in ensemble.experiments:
         folds = [np.concatenate(per_model[i]) for i, m in enumerate(ensemble.models) if m.experiment == exp]
-        members.append(_l2(np.mean(folds, axis=0)).astype(np.float32))  # (N, D_exp)
-    return members[0] if len(members) == 1 else blend_embeddings(members, ensemble.weights)
+        members.append(folds[0] if len(folds) == 1 else blend_embeddings(folds, [1.0] * len(folds)))  # (N, K D)
+    return members
+
+
+def reduce_fold_ensembles(
+    ensemble: Ensemble, query: list[np.ndarray], gallery: list[np.ndarray], dim: int | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``fold_pca``: each experiment of several folds projected to ``dim`` dims (default: one fold's D).
+
+    The projection is an uncentred PCA (scikit-learn's ``TruncatedSVD``: the top right singular vectors of the
+    gallery embeddings) fitted on ``gallery[i]`` (N, K × D) and applied to ``query[i]`` and ``gallery[i]``, then
+    L2-normalised: (Q, dim) and (N, dim). Uncentred, the projection keeps inner products on the gallery's span
+    (exactly, when it has at most ``dim`` dimensions) instead of measuring them from the gallery's mean, so
+    similarities stay on the scale the rerank spec's vote threshold was chosen on. Experiments of one fold are
+    returned as they are. ``dim`` is capped at the number of gallery images and dimensions (with a warning).
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    q_out, g_out = [], []
+    for exp, q, g in zip(ensemble.experiments, query, gallery, strict=True):
+        n_folds = sum(m.experiment == exp for m in ensemble.models)
+        if n_folds == 1:
+            q_out.append(q)
+            g_out.append(g)
+            continue
+        wanted = dim if dim is not None else g.shape[1] // n_folds
+        # TruncatedSVD needs fewer components than the matrix has rows and columns
+        n_components = min(wanted, g.shape[0] - 1, g.shape[1] - 1)
+        if n_components < wanted:
+            log.warning("fold_pca: %s to %d dims, not %d (%d gallery images)", exp, n_components, wanted, len(g))
+        svd = TruncatedSVD(n_components, algorithm="randomized", n_iter=7, random_state=0).fit(g.astype(np.float64))
+        q_out.append(_l2(svd.transform(q.astype(np.float64))).astype(np.float32))  # (Q, dim)
+        g_out.append(_l2(svd.transform(g.astype(np.float64))).astype(np.float32))  # (N, dim)
+        kept = float((svd.singular_values_**2).sum()) / len(g)  # rows have norm 1: the share of their energy kept
+        log.info("fold_pca: %s %d -> %d dims, keeping %.3f of the gallery's squared norm", exp, g.shape[1],
+                 n_components, kept)  # fmt: skip
+    return q_out, g_out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -486,9 +571,99 @@ def find_rerank_spec(cfg: InferenceConfig, ensemble: Ensemble) -> Path | None:
     else:
         candidates = [spec_path(d, task, experiment=ensemble.name) for d in (cfg.oof_dir, cfg.models_dir)]
     found = next((p for p in candidates if p.is_file()), None)
+    if found is None and task == "recognition":
+        source = f"--experiment {ensemble.name}" if ensemble.blend_path is None else f"--blend {ensemble.blend_path}"
+        raise FileNotFoundError(
+            f"submission.format={cfg.submission.format} needs a recognition rerank spec (its label vote and "
+            f"new-label threshold, chosen on OOF) and rerank=auto found none (looked for "
+            f"{', '.join(map(str, candidates))}): make it with `python -m arcfold rerank {source} --task "
+            f"recognition` (on Kaggle, copy it beside the weights), or set rerank=none to vote with the config's "
+            f"vote settings"
+        )
     if found is None:
         log.info("no rerank spec (looked for %s): plain search", ", ".join(map(str, candidates)))
     return found
+
+
+def check_rerank_spec(cfg: InferenceConfig, spec: dict[str, Any] | None, path: Path | None) -> None:
+    """Refuse a spec without a vote for a recognition/top5 submission; warn when top5 can never predict new."""
+    fmt = cfg.submission.format
+    if fmt == "retrieval":
+        return
+    if spec is not None and not spec.get("vote"):
+        raise ConfigError(
+            f"rerank spec {path} is for the {spec.get('task')} task and has no label vote, which "
+            f"submission.format={fmt} needs: use the recognition spec (`python -m arcfold rerank ... --task "
+            f"recognition` writes rerank-recognition.json), or rerank=none to vote with the config's vote settings"
+        )
+    if spec is None and fmt == "top5" and cfg.vote.threshold is None:
+        log.warning(
+            "rerank=none and vote.threshold=null: %s is never predicted; set vote.threshold, or make a recognition "
+            "rerank spec (python -m arcfold rerank --experiment NAME --task recognition) and use rerank=auto",
+            cfg.submission.new_label,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# labels
+
+
+def _new_label_for(fmt: str, vote: dict[str, Any], new_label: str) -> tuple[str | None, float | None]:
+    threshold = vote.get("threshold") if fmt == "top5" else None  # recognition: GAP ranks by confidence
+    return (new_label if threshold is not None else None), threshold
+
+
+def top5_width(gallery_labels: Sequence, vote: dict[str, Any], new_label: str) -> int:
+    """How many labels every top5 row lists: 5, or fewer when the gallery's labels (and the new label) are fewer."""
+    new, _ = _new_label_for("top5", vote, new_label)
+    return min(5, len(set(gallery_labels) | ({new} if new is not None else set())))
+
+
+def predict_labels(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: Sequence,
+    steps: list[dict[str, Any]],
+    vote: dict[str, Any],
+    *,
+    fmt: str,
+    new_label: str,
+    **search_kwargs: Any,
+) -> tuple[list[list], list[float]]:
+    """Labels of each query for a ``recognition`` or ``top5`` submission, and the first one's confidence.
+
+    Search (with ``steps``), then :func:`arcfold.postprocess.vote_labels` over the first ``vote["k"]`` neighbours.
+    ``top5`` inserts ``new_label`` at ``vote["threshold"]`` (when not null) and fills every row to
+    :func:`top5_width` labels from ``max(k, TOP5_DEPTH)`` neighbours (module doc); the rows still short (a class
+    with more images than that around the query) take the rest from a plain search of those rows alone, 4× deeper
+    each time, up to the whole gallery, so the guarantee holds whatever the class sizes.
+    """
+    from arcfold.postprocess import fill_labels, rerank_pipeline, vote_labels
+    from arcfold.search import search
+
+    labels = np.asarray(gallery_labels, dtype=object)  # (N,)
+    new, threshold = _new_label_for(fmt, vote, new_label)
+    top5 = fmt == "top5"
+    depth = min(max(vote["k"], TOP5_DEPTH) if top5 else vote["k"], len(labels))
+    sims, idx = rerank_pipeline(query, gallery, steps, depth, **search_kwargs)  # (Q, depth)
+    voted, scores = vote_labels(
+        idx, sims, labels, k=min(vote["k"], depth), mode=vote["mode"], new_label=new, threshold=threshold, top=5,
+        fill=top5,
+    )  # fmt: skip
+    width = top5_width(labels.tolist(), vote, new_label) if top5 else 0
+    while depth < len(labels):
+        short = np.flatnonzero((~np.isnan(scores)).sum(axis=1) < width)  # (S,)
+        if not len(short):
+            break
+        depth = min(4 * depth, len(labels))
+        log.info("top5: %d queries have fewer than %d labels among their neighbours: a plain search %d deep",
+                 len(short), width, depth)  # fmt: skip
+        deep_sims, deep_idx = search(query[short], gallery, depth, **search_kwargs)  # (S, depth)
+        voted[short], scores[short] = fill_labels(voted[short], scores[short], deep_idx, deep_sims, labels,
+                                                  mode=vote["mode"])  # fmt: skip
+    predictions = [[lab for lab in row if lab not in (None, "")] for row in voted]
+    confidences = [float(row[0]) for row in scores]  # NaN: no label
+    return predictions, confidences
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -508,7 +683,7 @@ class _Timer:
 
 def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
     """Run the whole inference; returns a summary (paths, counts, timings, the post-processing used)."""
-    from arcfold.postprocess import rerank_pipeline, vote_labels
+    from arcfold.postprocess import rerank_pipeline
     from arcfold.rerank import load_rerank_spec
     from arcfold.submission import submission_frame, validate_submission, write_submission
 
@@ -523,6 +698,7 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
         ensemble = load_ensemble(cfg, device)
         rerank_path = find_rerank_spec(cfg, ensemble)
         rerank = load_rerank_spec(rerank_path) if rerank_path else None
+        check_rerank_spec(cfg, rerank, rerank_path)
     steps = rerank["steps"] if rerank else []
     log.info(
         "%s: %d model(s) of %d experiment(s); %d queries, %d gallery images; TTA hflip=%s scales=%s; rerank %s",
@@ -544,38 +720,29 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
         progress=cfg.progress,
     )
     with timer("embed query"):
-        q = embed_images(ensemble, query.paths, desc="query", **embed)
+        q_members = embed_experiments(ensemble, query.paths, desc="query", **embed)
     with timer("embed gallery"):
-        g = embed_images(ensemble, gallery.paths, desc="gallery", **embed)
+        g_members = embed_experiments(ensemble, gallery.paths, desc="gallery", **embed)
+    if cfg.fold_pca:
+        with timer("fold pca"):
+            q_members, g_members = reduce_fold_ensembles(ensemble, q_members, g_members, cfg.fold_pca_dim)
+    q, g = combine_experiments(ensemble, q_members), combine_experiments(ensemble, g_members)
 
     fmt = cfg.submission.format
     vote = dict(rerank["vote"]) if rerank and rerank.get("vote") else None
     if vote is None:
         vote = {"k": cfg.vote.k, "mode": cfg.vote.mode, "threshold": cfg.vote.threshold}
-    depth = cfg.submission.top_k if fmt == "retrieval" else vote["k"]
-    depth = min(depth, len(gallery.ids))
     search_kwargs = {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.search)).items()}
     with timer("search + rerank"):
-        sims, idx = rerank_pipeline(q, g, steps, depth, **search_kwargs)  # (Q, depth)
-    with timer("submission"):
         if fmt == "retrieval":
+            _, idx = rerank_pipeline(q, g, steps, min(cfg.submission.top_k, len(gallery.ids)), **search_kwargs)
             gallery_ids = np.asarray(gallery.ids, dtype=object)
             predictions, confidences = [list(gallery_ids[row]) for row in idx], None
         else:
-            threshold = vote.get("threshold") if fmt == "top5" else None  # recognition: GAP ranks by confidence
-            new_label = cfg.submission.new_label if threshold is not None else None
-            labels, scores = vote_labels(
-                idx,
-                sims,
-                np.asarray(gallery.labels, dtype=object),
-                k=min(vote["k"], depth),
-                mode=vote["mode"],
-                new_label=new_label,
-                threshold=threshold,
-                top=5,
+            predictions, confidences = predict_labels(
+                q, g, gallery.labels, steps, vote, fmt=fmt, new_label=cfg.submission.new_label, **search_kwargs
             )
-            predictions = [[lab for lab in row if lab not in (None, "")] for row in labels]
-            confidences = [float(row[0]) if len(row) else math.nan for row in scores]
+    with timer("submission"):
         frame = submission_frame(
             fmt,
             query.ids,
@@ -593,6 +760,7 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
             new_label=cfg.submission.new_label,
             id_header=cfg.submission.id_header,
             prediction_header=cfg.submission.prediction_header,
+            min_predictions=top5_width(gallery.labels, vote, cfg.submission.new_label) if fmt == "top5" else None,
         )
         name = cfg.submission.name or ensemble.name
         out = write_submission(Path(cfg.out_dir) / f"{name}.csv", frame)

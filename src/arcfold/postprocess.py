@@ -59,6 +59,11 @@ Label voting (:func:`vote_labels`)
     ``new_label`` is inserted with score ``threshold`` at the first position whose score is below ``threshold``
     (or is padding); labels after it move down one place and the last drops off. If ``new_label`` is itself a
     gallery label its score is ``max(threshold, its vote)`` and it appears once. Scores are the confidences.
+    With ``fill=True`` (the top5 submission: always 5 labels), slots still empty after that are filled with the
+    labels of all the given neighbours (columns ``k`` and beyond included) not yet listed, in the order of the
+    same vote over all columns, with that vote's score (:func:`fill_labels`): the vote's own labels and the new
+    label keep their places (so a threshold chosen without filling still means the same), the filled ones come
+    after them.
 
 Pipeline (:func:`rerank_pipeline`)
     ``steps`` is a list of dicts, each ``{"name": NAME, PARAM: VALUE, ...}`` with names and parameters (and their
@@ -93,6 +98,7 @@ __all__ = [
     "POSTPROCESSORS",
     "PostProcessor",
     "database_augmentation",
+    "fill_labels",
     "k_reciprocal",
     "query_expansion",
     "rerank_pipeline",
@@ -368,11 +374,19 @@ def vote_labels(
     new_label: Any = None,
     threshold: float | None = None,
     top: int = 5,
+    fill: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank labels by the similarity of the neighbours that carry them (module docstring); (Q, top) each.
 
     ``idx``/``sims`` (Q, K) neighbours best first; ``gallery_labels`` (N,) any hashable values. Returns labels
-    (object, padded with None) and scores (float32, padded with NaN).
+    (object, padded with None) and scores (float32, padded with NaN). ``fill=True`` fills the padding from the
+    columns past ``k`` (module docstring):
+
+    >>> idx = np.array([[0, 1, 2, 3]]); sims = np.array([[0.9, 0.8, 0.7, 0.6]])
+    >>> labels, scores = vote_labels(idx, sims, ["a", "a", "b", "c"], k=2, new_label="new", threshold=0.5, top=4,
+    ...                              fill=True)
+    >>> labels.tolist(), scores.astype(float).round(2).tolist()
+    ([['a', 'new', 'b', 'c']], [[0.9, 0.5, 0.7, 0.6]])
 
     >>> idx = np.array([[0, 1, 2]]); sims = np.array([[0.9, 0.8, 0.7]])
     >>> labels, scores = vote_labels(idx, sims, ["a", "b", "b"], mode="sum", top=3)
@@ -459,6 +473,52 @@ def vote_labels(
         is_new = cols == insert_at[:, None]  # (Q, top); no True where insert_at == top
         out_labels[is_new] = new_label
         out_scores[is_new] = np.broadcast_to(new_score[:, None], (n_queries, top))[is_new]
+    if fill and n_cols > k:
+        return fill_labels(out_labels, out_scores, idx, sims, labels, mode=mode)
+    return out_labels, out_scores.astype(np.float32)
+
+
+def fill_labels(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    idx: np.ndarray,
+    sims: np.ndarray,
+    gallery_labels: Any,
+    *,
+    mode: str = "max",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the padding of voted rows with the labels of other neighbours, in the order of their own vote.
+
+    ``labels``/``scores`` (Q, top) from :func:`vote_labels` (padding: label None, score NaN, at the end of a row);
+    ``idx``/``sims`` (Q, K) neighbours of the same queries, best first. Each padded slot takes the next label of
+    the vote (``mode``) over all K neighbours that the row does not list yet, with that vote's score; rows without
+    padding, and the labels already listed, are unchanged. Returns new arrays ((Q, top) object and float32).
+
+    >>> labels = np.array([["a", "new", None, None]], dtype=object)
+    >>> scores = np.array([[0.9, 0.5, np.nan, np.nan]])
+    >>> filled, filled_scores = fill_labels(labels, scores, np.array([[0, 1, 2]]), np.array([[0.9, 0.7, 0.6]]),
+    ...                                     ["a", "b", "c"])
+    >>> filled.tolist(), filled_scores.astype(float).round(2).tolist()
+    ([['a', 'new', 'b', 'c']], [[0.9, 0.5, 0.7, 0.6]])
+    """
+    out_labels = np.array(labels, dtype=object)  # (Q, top), a copy
+    out_scores = np.array(scores, dtype=np.float64)  # (Q, top)
+    top = out_labels.shape[1]
+    short = np.flatnonzero(np.isnan(out_scores[:, -1]))  # rows ending in padding
+    if len(short):
+        # A row lists `slot` < top labels, so the first `top` of the vote hold the top - slot others it needs
+        # (when there are that many).
+        deep_labels, deep_scores = vote_labels(np.asarray(idx)[short], np.asarray(sims)[short], gallery_labels,
+                                               mode=mode, top=top)  # fmt: skip
+        for row, candidates, candidate_scores in zip(short, deep_labels, deep_scores, strict=True):
+            slot = int((~np.isnan(out_scores[row])).sum())
+            listed = set(out_labels[row, :slot].tolist())
+            for label, score in zip(candidates, candidate_scores, strict=True):
+                if slot == top:
+                    break
+                if not np.isnan(score) and label not in listed:
+                    out_labels[row, slot], out_scores[row, slot] = label, score
+                    slot += 1
     return out_labels, out_scores.astype(np.float32)
 
 

@@ -253,12 +253,14 @@ def validate_submission(
     id_header: str | None = None,
     prediction_header: str | None = None,
     max_predictions: int | None = None,
+    min_predictions: int | None = None,
 ) -> None:
     """Refuse a broken submission: every query exactly once, no unknown ids/labels, each cell well formed.
 
     ``gallery_ids`` (retrieval) and ``labels`` (recognition, top5; ``new_label`` is also allowed in top5) are
-    what predictions may contain; ``None`` skips that check. Raises :class:`SubmissionError` listing up to 10
-    problems, each with its CSV line and column.
+    what predictions may contain; ``None`` skips that check. ``min_predictions`` (retrieval, top5): every row must
+    list at least that many distinct ids/labels (inference asks 5 of a top5 file: an empty slot is a lost chance
+    at MAP@5). Raises :class:`SubmissionError` listing up to 10 problems, each with its CSV line and column.
     """
     source = str(submission) if not isinstance(submission, pd.DataFrame) else "submission"
     frame = submission if isinstance(submission, pd.DataFrame) else read_submission(submission)
@@ -312,6 +314,8 @@ def validate_submission(
         limit = 5 if fmt == "top5" else max_predictions
         if limit is not None and len(tokens) > limit:
             problems.append(f"{col}: {len(tokens)} predictions, at most {limit} allowed")
+        if fmt != "recognition" and min_predictions is not None and len(tokens) < min_predictions:
+            problems.append(f"{col}: {len(tokens)} prediction(s), {min_predictions} expected")
         if len(set(tokens)) != len(tokens):
             problems.append(f"{col}: the same {what} is listed twice")
         if allowed is not None:
