@@ -139,7 +139,8 @@ def fold_file(tmp_path):
 
 
 def test_test_stage_errors_name_the_cause(tmp_path, fold_file):
-    from arcfold.evaluate import evaluate_experiment, load_test_rows
+    from arcfold.evaluate import evaluate_experiment
+    from arcfold.folds import load_test_rows
 
     oof = simple_experiment(tmp_path, "exp", [0, 1], 2, noise=0.5, folds_sha256=file_sha256(fold_file))
     with pytest.raises(

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from arcfold.data.table import DataValidationError
-from arcfold.folds import file_sha256
+from arcfold.folds import file_sha256, write_folds
 from arcfold.holdout import main, make_holdout
 
 EXP = "exp"
@@ -27,7 +27,7 @@ def _experiment_with_a_test_split(root: Path) -> pd.DataFrame:
     folds_df = pd.DataFrame(rows)
     folds_path = root / "folds" / "toy.csv"
     folds_path.parent.mkdir(parents=True)
-    folds_df.to_csv(folds_path, index=False)
+    write_folds(folds_df, folds_path, {"n_splits": 2})  # the CSV and its JSON, as the folds stage writes them
     exp_dir = root / "oof" / EXP
     exp_dir.mkdir(parents=True)
     for k in (0, 1):
@@ -73,13 +73,14 @@ def test_test_split_holdout_cli_and_its_errors(tmp_path) -> None:
 
     folds_path = tmp_path / "folds" / "toy.csv"
     folds_df.assign(fold=folds_df["fold"].clip(lower=0)).to_csv(folds_path, index=False)
-    with pytest.raises(DataValidationError, match=r"toy\.csv changed since .* \(sha256 differs\)"):
+    with pytest.raises(DataValidationError, match=r"toy\.csv is not the fold file the folds stage wrote"):
         make_holdout(oof, EXP, None, tmp_path / "y", new_fraction=0.2, new_label="new", seed=0, split="test")
+    write_folds(folds_df.assign(fold=folds_df["fold"].clip(lower=0)), folds_path, {"n_splits": 2})  # no test split
     for k in (0, 1):  # a fold file without a test split, which the experiment did train on
         record = json.loads((tmp_path / "oof" / EXP / f"fold{k}.json").read_text())
         record["folds_sha256"] = file_sha256(folds_path)
         (tmp_path / "oof" / EXP / f"fold{k}.json").write_text(json.dumps(record))
-    with pytest.raises(DataValidationError, match=r"toy\.csv has no test split \(no row with fold = -1\)"):
+    with pytest.raises(DataValidationError, match=r"toy\.csv has no test split \(fold -1\)"):
         make_holdout(oof, EXP, None, tmp_path / "y", new_fraction=0.2, new_label="new", seed=0, split="test")
     with pytest.raises(FileNotFoundError, match="no finished fold"):
         make_holdout(oof, "other", None, tmp_path / "y", new_fraction=0.2, new_label="new", seed=0, split="test")

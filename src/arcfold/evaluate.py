@@ -49,7 +49,6 @@ from arcfold.blend import blend_embeddings, load_blend_spec
 from arcfold.config import DataConfig
 from arcfold.data.dataset import ImageDataset
 from arcfold.data.table import (
-    FOLD,
     GROUP,
     ID,
     IMAGE,
@@ -61,8 +60,8 @@ from arcfold.data.table import (
 )
 from arcfold.data.transforms import build_eval_transform
 from arcfold.embed import extract_embeddings
-from arcfold.folds import TEST_FOLD, file_sha256, verify_fold_file
-from arcfold.io import ArtifactExistsError, load_json, save_json, save_npz
+from arcfold.folds import load_test_rows
+from arcfold.io import ArtifactExistsError, save_json, save_npz
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
 from arcfold.models.embedding import load_embedding_model
 from arcfold.score import finished_folds
@@ -70,7 +69,7 @@ from arcfold.train import amp_dtype_for, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TEST_FORMAT", "evaluate_blend", "evaluate_experiment", "load_test_rows", "score_test_embeddings"]
+__all__ = ["TEST_FORMAT", "evaluate_blend", "evaluate_experiment", "score_test_embeddings"]
 
 TEST_FORMAT = "arcfold.test/1"
 METRICS = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
@@ -115,43 +114,6 @@ def score_test_embeddings(
 
 # --------------------------------------------------------------------------------------------
 # the test rows of an experiment, and their embeddings
-
-
-def load_test_rows(exp_dir: str | Path, folds: Sequence[int]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The test split (fold -1) of the fold file the given folds of ``oof/<exp>/`` were trained from.
-
-    Refused (:class:`DataValidationError`, one line): folds trained from different fold files, a fold file that
-    is gone, edited (:func:`arcfold.folds.verify_fold_file`) or remade since (another sha256), or one without a
-    test split. Returns the rows (fold-file order) and ``{"folds_path", "folds_sha256", "test"}``.
-    """
-    exp_dir = Path(exp_dir)
-    hint = "Retrain the fold with train.force=true."
-    recorded = {k: load_json(exp_dir / f"fold{k}.json", hint=hint) for k in folds}
-    shas = {k: s.get("folds_sha256") for k, s in recorded.items()}
-    if len(set(shas.values())) > 1:
-        listing = ", ".join(f"fold {k}: {str(s)[:12]}" for k, s in shas.items())
-        raise DataValidationError(
-            f"{exp_dir}: the fold models were trained from different fold files ({listing}); "
-            "retrain the folds of the old fold file with train.force=true"
-        )
-    sha, folds_path = shas[folds[0]], recorded[folds[0]].get("folds_path")
-    if not folds_path or not Path(folds_path).is_file():
-        raise DataValidationError(f"{exp_dir}: the fold file its folds were trained from ({folds_path}) is not here")
-    folds_df = verify_fold_file(folds_path)
-    now = file_sha256(folds_path)
-    if now != sha:
-        raise DataValidationError(
-            f"{exp_dir}: its fold models were trained from another fold file than {folds_path} is now (sha256 "
-            f"{str(sha)[:12]} then, {now[:12]} now: remade since?); retrain the folds on it (train.force=true)"
-        )
-    meta = load_json(Path(folds_path).with_suffix(".json"))
-    test_df = folds_df[folds_df[FOLD] == TEST_FOLD].reset_index(drop=True)
-    if test_df.empty or not meta.get("test"):
-        raise DataValidationError(
-            f"{folds_path} has no test split (fold -1). Set folds.test_fraction (e.g. 0.2) or folds.test_groups, "
-            "remake the folds (`python -m arcfold folds -c CONFIG --force`) and retrain the folds on them"
-        )
-    return test_df, {"folds_path": str(folds_path), "folds_sha256": sha, "test": meta["test"]}
 
 
 def _eval_dataset(test_df: pd.DataFrame, data_cfg: DataConfig, size: int, progress: bool) -> ImageDataset:

@@ -58,46 +58,17 @@ log = logging.getLogger(__name__)
 __all__ = ["make_holdout", "score_holdout"]
 
 
-TEST_FOLD = -1  # the fold number of the held-out test split's rows in a fold CSV
-
-
 def _test_split_rows(exp_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """ids, images, labels of the fold CSV's test rows (``fold == -1``), and where they came from."""
-    from arcfold.data.table import FOLD, ID, IMAGE, LABEL, DataValidationError
-    from arcfold.folds import file_sha256
+    """ids, images, labels of the test split (fold -1) of the fold file the experiment's folds were trained from
+    (checked by :func:`arcfold.folds.load_test_rows`), and where they came from."""
+    from arcfold.data.table import ID, IMAGE, LABEL
+    from arcfold.folds import load_test_rows
 
-    records = sorted(exp_dir.glob("fold*.json"))
-    records = [p for p in records if p.stem[4:].isdigit()]
-    if not records:
+    folds = sorted(int(p.stem[4:]) for p in exp_dir.glob("fold*.json") if p.stem[4:].isdigit())
+    if not folds:
         raise FileNotFoundError(f"no finished fold in {exp_dir} (fold<K>.json): train one, it names the fold file")
-    sources = {}
-    for path in records:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        sources[(record["folds_path"], record["folds_sha256"])] = path.name
-    if len(sources) > 1:
-        listed = "; ".join(f"{name}: {folds_path}" for (folds_path, _), name in sources.items())
-        raise DataValidationError(f"{exp_dir}: the folds were trained on different fold files ({listed})")
-    (folds_path, sha256), _ = next(iter(sources.items()))
-    folds_path = Path(folds_path)
-    if not folds_path.is_file():
-        raise FileNotFoundError(f"{folds_path} (the fold file of {exp_dir}) not found")
-    if file_sha256(folds_path) != sha256:
-        raise DataValidationError(
-            f"{folds_path} changed since {exp_dir}'s folds were trained on it (sha256 differs): its test split may "
-            "not be the one the models never saw; restore the file or train the experiment again"
-        )
-    df = read_csv(folds_path)
-    missing = [c for c in (ID, IMAGE, LABEL, FOLD) if c not in df]
-    if missing:
-        raise DataValidationError(f"{folds_path}: not a fold file, missing columns {missing}")
-    rows = (pd.to_numeric(df[FOLD].str.strip(), errors="coerce") == TEST_FOLD).to_numpy()
-    if not rows.any():
-        raise DataValidationError(
-            f"{folds_path} has no test split (no row with {FOLD} = {TEST_FOLD}): make one with folds.test_fraction "
-            "or folds.test_groups (python -m arcfold folds -c CONFIG --force), or use --fold K"
-        )
-    test = df[rows]
-    source = {"folds_path": str(folds_path), "folds_sha256": sha256}
+    test, info = load_test_rows(exp_dir, folds)
+    source = {"folds_path": info["folds_path"], "folds_sha256": info["folds_sha256"]}
     return test[ID].to_numpy(str), test[IMAGE].to_numpy(str), test[LABEL].to_numpy(str), source
 
 
