@@ -25,16 +25,10 @@ from arcfold.io import KILL_AT_ENV, load_json, load_npz, load_torch
 from arcfold.metrics import retrieval_metrics
 from arcfold.train import FoldPaths, train_fold
 
-from .conftest import mini_overrides as conftest_mini_overrides
-from .conftest import write_mini_dataset
+from .conftest import mini_overrides, write_mini_dataset
 
 METRICS = ["recall@1", "recall@2", "recall@4", "recall@5", "recall@8", "recall@10", "map@r", "n_queries"]
 TIMING = ["train_images_per_s", "train_seconds", "val_seconds"]  # the only columns allowed to differ
-
-
-def mini_overrides(root) -> list[str]:
-    """conftest's tiny run, with a seed whose last epoch improves (which the test of cut-short best files needs)."""
-    return [*conftest_mini_overrides(root), "train.seed=3"]
 
 
 def _child(overrides: list[str], kill_at: str | None, no_improvement: bool) -> None:
