@@ -43,6 +43,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from arcfold.blend import blend_embeddings  # noqa: E402
 from arcfold.config import load_config  # noqa: E402
 from arcfold.holdout import score_holdout  # noqa: E402
 from arcfold.io import load_npz, save_json, save_text  # noqa: E402
@@ -88,14 +89,18 @@ def fold_rows(cfg) -> list[dict]:
     return rows
 
 
-def holdout_from_test_embeddings(test_npz: Path, holdout: Path, top_k: int) -> dict[str, float]:
-    """The holdout's retrieval score from the test stage's concatenated fold embeddings (same search, same scorer)."""
-    from arcfold.blend import blend_embeddings
-
+def ensemble_of_test_stage(test_npz: Path) -> tuple[np.ndarray, dict[str, int]]:
+    """The test stage's fold embeddings concatenated as inference combines them, (N, sum D), and each id's row."""
     arrays = load_npz(test_npz)
     folds = sorted(k for k in arrays if k.startswith("fold"))
     emb = blend_embeddings([arrays[k] for k in folds], [1.0] * len(folds))  # (N, sum D)
-    row_of = {i: r for r, i in enumerate(arrays["ids"].astype(str))}
+    return emb, {i: r for r, i in enumerate(arrays["ids"].astype(str))}
+
+
+def holdout_from_test_embeddings(
+    emb: np.ndarray, row_of: dict[str, int], holdout: Path, top_k: int
+) -> dict[str, float]:
+    """The holdout's retrieval score from the test stage's concatenated fold embeddings (same search, same scorer)."""
     query = pd.read_csv(holdout / "query.csv", dtype=str)
     gallery = pd.read_csv(holdout / "gallery.csv", dtype=str)
     truth = pd.read_csv(holdout / "truth.csv", dtype=str).set_index("id").loc[query["id"]]
@@ -218,16 +223,11 @@ def main(argv: list[str] | None = None) -> None:
         steps,
     )  # fmt: skip
     holdout_scores = score_holdout(submission, holdout, "retrieval")
-    recomputed = holdout_from_test_embeddings(cfg.oof_dir / "test.npz", holdout, top_k=100)
+    ref, row_of = ensemble_of_test_stage(cfg.oof_dir / "test.npz")
+    recomputed = holdout_from_test_embeddings(ref, row_of, holdout, top_k=100)
 
     # inference's saved embeddings against the test stage's, row by row
     saved = load_npz(submission.with_suffix(".npz"))
-    test_arrays = load_npz(cfg.oof_dir / "test.npz")
-    from arcfold.blend import blend_embeddings
-
-    folds = sorted(a for a in test_arrays if a.startswith("fold"))
-    ref = blend_embeddings([test_arrays[a] for a in folds], [1.0] * len(folds))
-    row_of = {i: r for r, i in enumerate(test_arrays["ids"].astype(str))}
     diffs = []
     for role in ("query", "gallery"):
         ids, emb = saved[f"{role}_ids"].astype(str), saved[role]
