@@ -2,16 +2,16 @@
 
 Mohan, Sankaran, Fedorishin, Setlur, Govindaraju, "Moving in the Right Direction: A Regularization for
 Deep Metric Learning", CVPR 2020. A triplet loss pushes the negative ``n`` away from the anchor ``a``
-only, which can push it towards the positive ``p``. The paper motivates its regulariser with the
-midpoint of anchor and positive and the orthogonality of the midpoint->negative line to the
-anchor->positive line; the losses it trains add, with weight gamma, the cosine of the angle **at the
-anchor** between ``p - a`` and ``n - a`` to the negative's distance.
+only, which can push it towards the positive ``p``. As the reproductions below describe the paper, it
+motivates its regulariser with the midpoint of anchor and positive and the orthogonality of the
+midpoint->negative line to the anchor->positive line; the losses they implement add, with weight gamma,
+the cosine of the angle **at the anchor** between ``p - a`` and ``n - a`` to the negative's distance.
 
 Source and what is followed. The paper's equations could not be read here (the stored copies hold its
 abstract only). The formulas below follow the public reproduction github.com/alpoler/mohan2020
 (``loss/mvrloss.py``; a CENG501 student project that reproduces the paper, not the authors' own code),
-which a second, independent reproduction (CENG501-Spring2021/project_Karadeniz, ``loss.py``) agrees
-with for the triplet loss. ``benchmarks/results/direction_vs_mohan2020.md`` compares them term by term
+whose triplet direction term a second, independent reproduction (CENG501-Spring2021/project_Karadeniz,
+``loss.py``) writes the same way. ``benchmarks/results/direction_vs_mohan2020.md`` compares them term by term
 with file, line and commit. On L2-normalised embeddings, with ``cos = cos(angle(p - a, n - a))``::
 
     DR-triplet      l = [ |a - p| - |a - n| + margin - gamma cos ]_+                       (per triplet)
@@ -24,7 +24,9 @@ with file, line and commit. On L2-normalised embeddings, with ``cos = cos(angle(
 In all three the term makes a negative lying towards the positive, as seen from the anchor (cos > 0),
 count as farther, and one behind the anchor (cos < 0) as nearer; a triplet whose hinge the term closes
 gives no gradient (the reproduction's "inherent mining" of negatives near both anchor and positive).
-The term's own gradient on the negative turns ``n - a`` towards ``p - a``. With gamma = 0 every loss
+The term's own gradient on the negative turns ``n - a`` towards ``p - a``, which the midpoint
+motivation does not obviously ask for; the paper's equations would settle the sign (the report above
+says more). With gamma = 0 every loss
 here is pytorch-metric-learning's plain loss, value for value (the tests check it on random batches).
 
 Deliberate differences from the reproduction, each so that gamma = 0 is exactly arcfold's plain loss of
