@@ -134,7 +134,7 @@ class HeadConfig:
     params: dict[str, Any] = field(default_factory=dict)
     miner: str = "none"  # none | triplet_margin | multi_similarity | batch_hard | pair_margin
     miner_params: dict[str, Any] = field(default_factory=dict)
-    direction_gamma: float = 0.0  # direction regulariser weight (Mohan et al. 2020): triplet, proxy_nca, MS
+    direction_gamma: float = 0.0  # Mohan et al. 2020 direction term -gamma cos(p-a, n-a): triplet, proxy_nca, MS
 
 
 @dataclass

@@ -1,15 +1,21 @@
-"""Direction regularisation: geometry on hand-built points, closed forms written out per triplet / sample,
-the gamma = 0 reduction (to PML's plain loss exactly where the midpoint is the anchor), gradients, miners."""
+"""Direction regularisation: the cosine on hand-built points, the losses on hand-computed 2-D cases (points on
+the unit circle, angles from the inscribed-angle theorem), agreement with a transcription of the public
+reproduction (alpoler/mohan2020, loss/mvrloss.py) on random batches, gamma = 0 equal to PML's plain losses,
+gradients, miners."""
 
 from __future__ import annotations
 
 import doctest
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml
 from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import nn
 
 import arcfold.models.direction as direction
@@ -19,20 +25,22 @@ from arcfold.models.direction import (
     DirectionMultiSimilarityLoss,
     DirectionProxyNCALoss,
     DirectionTripletLoss,
-    direction_penalty,
+    direction_cosine,
 )
 from arcfold.models.losses import build_pair_loss
 
 F64 = torch.float64
+SQRT3 = math.sqrt(3.0)
 
 
 def vec(*values: float) -> torch.Tensor:
     return torch.tensor([values], dtype=F64)
 
 
-def unit(*values: float) -> torch.Tensor:
-    v = vec(*values)
-    return v / v.norm()
+def on_circle(*degrees: float) -> torch.Tensor:
+    """(len(degrees), 2) unit vectors at the given angles."""
+    rad = torch.deg2rad(torch.tensor(degrees, dtype=F64))
+    return torch.stack([rad.cos(), rad.sin()], dim=1)
 
 
 def random_batch(seed: int, n_classes: int = 4, m: int = 3, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,259 +51,227 @@ def random_batch(seed: int, n_classes: int = 4, m: int = 3, dim: int = 8) -> tup
 
 
 def tied_batch(seed: int, n_classes: int = 4, m: int = 3, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of a class has the same embedding: each positive coincides with its anchor, c = a."""
+    """Every image of a class has the same embedding: each positive coincides with its anchor."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(n_classes, dim, generator=g, dtype=F64)
     return centres.repeat_interleave(m, dim=0), torch.arange(n_classes).repeat_interleave(m)
-
-
-def cos2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(u, v, dim=-1).square()
-
-
-def tangential(v: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """Component of v in the tangent plane of the unit sphere at the unit vector ``at``."""
-    return v - (v * at).sum(-1, keepdim=True) * at
 
 
 def test_doctests():
     assert doctest.testmod(direction).failed == 0
 
 
-# --- geometry of the penalty --------------------------------------------------------------------
+# --- the cosine at the anchor ---------------------------------------------------------------------
 
 
-def test_penalty_on_hand_built_points():
-    a, p = vec(1, 0, 0), vec(0, 1, 0)  # midpoint c = (0.5, 0.5, 0), p - a = (-1, 1, 0)
-    # on the perpendicular bisector of a and p (equidistant from both): c -> n orthogonal to a -> p
-    for n in (vec(0, 0, 1), vec(0.5, 0.5, 3), vec(2, 2, -1), vec(-3, -3, 0)):
-        assert direction_penalty(a, p, n).item() == pytest.approx(0.0, abs=1e-12)
-    # on the line through a and p: parallel
-    for n in (vec(2, -1, 0), vec(-1, 2, 0)):
-        assert direction_penalty(a, p, n).item() == pytest.approx(1.0)
-    # 45 degrees: n - c = (-0.5, 0.5, 1/sqrt 2), and the same direction further out
-    r = 2**-0.5
-    assert direction_penalty(a, p, vec(0, 1, r)).item() == pytest.approx(0.5)
-    assert direction_penalty(a, p, vec(0.5 - 1.5, 0.5 + 1.5, 3 * r)).item() == pytest.approx(0.5)
+def test_cosine_on_hand_built_points():
+    a, p = vec(1, 0, 0), vec(0, 1, 0)  # p - a = (-1, 1, 0)
+    cases = [
+        (vec(0, 0, 1), 0.5),  # n - a = (-1, 0, 1): 60 degrees
+        (vec(1, 1, 0), 2**-0.5),  # (0, 1, 0): 45 degrees
+        (vec(2, 1, 0), 0.0),  # (1, 1, 0): 90 degrees
+        (vec(3, -2, 0), -1.0),  # (2, -2, 0) = -2 (p - a): 180 degrees
+        (vec(-1, 2, 0), 1.0),  # 2 (p - a): 0 degrees
+    ]
+    for n, expected in cases:
+        assert direction_cosine(a, p, n).item() == pytest.approx(expected, abs=1e-12)
 
 
-def test_penalty_matches_explicit_vectors():
+def test_cosine_matches_torch_on_explicit_vectors():
     g = torch.Generator().manual_seed(0)
     a, p, n = (torch.randn(50, 7, generator=g, dtype=F64) for _ in range(3))
-    expected = cos2(p - a, n - (a + p) / 2)
-    torch.testing.assert_close(direction_penalty(a, p, n), expected)
+    torch.testing.assert_close(direction_cosine(a, p, n), F.cosine_similarity(p - a, n - a, dim=1))
 
 
-def test_penalty_is_finite_when_positive_equals_anchor():
+def test_cosine_is_zero_with_finite_gradient_when_positive_equals_anchor():
     a = vec(0.6, 0.8, 0.0).requires_grad_()
     n = vec(0.0, 0.0, 1.0).requires_grad_()
-    penalty = direction_penalty(a, a, n)
-    penalty.sum().backward()
-    assert penalty.item() == 0.0
+    cos = direction_cosine(a, a, n)
+    cos.sum().backward()
+    assert cos.item() == 0.0
     assert torch.isfinite(a.grad).all() and torch.isfinite(n.grad).all()
 
 
-# --- closed forms -------------------------------------------------------------------------------
+# --- hand-computed cases: four points on the unit circle ----------------------------------------
+# A = 0, P = 60, N = 180, M = 300 degrees; classes {A, P} and {N, M}. Chord of an arc t: 2 sin(t / 2)
+# (60 -> 1, 120 -> sqrt 3, 180 -> 2). The angle at the anchor between the chords to p and n is half the
+# arc from p to n that does not contain the anchor (inscribed-angle theorem).
+
+CIRCLE = on_circle(0, 60, 180, 300)
+CIRCLE_LABELS = torch.tensor([0, 0, 1, 1])
+# (anchor, positive, negative): (|a - p|, |a - n|, cos of the angle at a)
+CIRCLE_TRIPLETS = {
+    ("A", "P", "N"): (1.0, 2.0, 0.5),  # arc P..N = 120 -> 60 degrees
+    ("A", "P", "M"): (1.0, 1.0, -0.5),  # arc P..M through N = 240 -> 120 degrees
+    ("P", "A", "N"): (1.0, SQRT3, 0.0),  # arc A..N through M = 180 -> 90 degrees
+    ("P", "A", "M"): (1.0, SQRT3, SQRT3 / 2),  # arc M..A = 60 -> 30 degrees
+    ("N", "M", "A"): (SQRT3, 2.0, SQRT3 / 2),  # arc M..A = 60 -> 30 degrees
+    ("N", "M", "P"): (SQRT3, SQRT3, 0.5),  # arc M..P through A = 120 -> 60 degrees
+    ("M", "N", "A"): (SQRT3, 1.0, 0.0),  # arc N..A through P = 180 -> 90 degrees
+    ("M", "N", "P"): (SQRT3, SQRT3, 0.5),  # arc P..N = 120 -> 60 degrees
+}
 
 
-def triplet_reference(emb, labels, margin, gamma, triplets=None):
-    x = F.normalize(emb)
-    values = []
-    for i in range(len(x)):
-        for j in range(len(x)):
-            for k in range(len(x)):
-                if i == j or labels[i] != labels[j] or labels[k] == labels[i]:
-                    continue
-                if triplets is not None and (i, j, k) not in triplets:
-                    continue
-                a, p, n = x[i], x[j], x[k]
-                c = (a + p) / 2
-                values.append(F.relu((a - p).norm() - (n - c).norm() + margin + gamma * cos2(p - a, n - c)))
-    values = torch.stack(values)
-    return values[values > 0].mean()
+def test_triplet_on_the_circle():
+    margin, gamma = 0.5, 0.4
+    hinge = [max(0.0, ap - an + margin - gamma * cos) for ap, an, cos in CIRCLE_TRIPLETS.values()]
+    # by hand: 0, 0.7, 0, 0, 0, 0.3, sqrt 3 - 0.5, 0.3 (the cos < 0 of (A, P, M) adds 0.2, the others subtract)
+    assert hinge == pytest.approx([0, 0.7, 0, 0, 0, 0.3, SQRT3 - 0.5, 0.3])
+    loss = DirectionTripletLoss(gamma=gamma, margin=margin)
+    assert loss(CIRCLE, CIRCLE_LABELS).item() == pytest.approx(0.2 + SQRT3 / 4)  # mean of the 4 positive ones
+    mean_all = DirectionTripletLoss(gamma=gamma, margin=margin, reducer=MeanReducer())
+    assert mean_all(CIRCLE, CIRCLE_LABELS).item() == pytest.approx((0.8 + SQRT3) / 8)  # the reproduction's mean
 
 
-def proxy_nca_reference(emb, labels, proxies, scale, gamma):
-    x, prox = F.normalize(emb), F.normalize(proxies)
-    values = []
-    for i in range(len(x)):
-        y = labels[i]
-        c = (x[i] + prox[y]) / 2
-        logits = []
-        for z in range(len(prox)):
-            if z == y:
-                logits.append(-scale * (x[i] - prox[y]).square().sum())
-            else:
-                r = cos2(prox[y] - x[i], prox[z] - c)
-                logits.append(-scale * ((prox[z] - c).square().sum() - gamma * r))
-        values.append(-torch.log_softmax(torch.stack(logits), 0)[y])
-    return torch.stack(values).mean()
+def test_proxy_nca_on_the_circle():
+    # x at 0 degrees, its class proxy at 90, the other proxies at 180 and 270. Squared distances 2, 4, 2;
+    # angle at x between the chords to 90 and 180: 45 degrees; to 90 and 270: 90 degrees.
+    gamma = 1.0
+    loss = DirectionProxyNCALoss(num_classes=3, embedding_size=2, gamma=gamma)
+    loss.proxies = nn.Parameter(on_circle(90, 180, 270))
+    expected = 2 + math.log(math.exp(-2) + math.exp(-(4 + gamma * 2**-0.5)) + math.exp(-(2 + gamma * 0.0)))
+    assert loss(on_circle(0), torch.tensor([0])).item() == pytest.approx(expected)
 
 
-def multi_similarity_reference(emb, labels, alpha, beta, base, gamma):
-    x = F.normalize(emb)
+def test_multi_similarity_on_the_circle():
+    alpha, beta, base, gamma = 2.0, 10.0, 0.3, 0.4
+    # per anchor: similarity to its one positive; (similarity, cos of the angle at the anchor) per negative
+    anchors = [
+        (0.5, [(-1.0, 0.5), (0.5, -0.5)]),  # A: P; N, M
+        (0.5, [(-0.5, 0.0), (-0.5, SQRT3 / 2)]),  # P: A; N, M
+        (-0.5, [(-1.0, SQRT3 / 2), (-0.5, 0.5)]),  # N: M; A, P
+        (-0.5, [(0.5, 0.0), (-0.5, 0.5)]),  # M: N; A, P
+    ]
+    expected = [
+        math.log(1 + math.exp(-alpha * (s_p - base))) / alpha
+        + math.log(1 + sum(math.exp(beta * (s_n - base - gamma * cos)) for s_n, cos in negatives)) / beta
+        for s_p, negatives in anchors
+    ]
+    loss = DirectionMultiSimilarityLoss(gamma=gamma, alpha=alpha, beta=beta, base=base)
+    assert loss(CIRCLE, CIRCLE_LABELS).item() == pytest.approx(sum(expected) / 4)
+
+
+# --- the public reproduction, transcribed ---------------------------------------------------------
+# github.com/alpoler/mohan2020, loss/mvrloss.py (a CENG501 reproduction of the paper). Triplet and ProxyNCA:
+# MVR_Triplet.forward lines 35-44 and MVR_Proxy.forward lines 59-92 at commit
+# 1970458bc21aed27f512c393f3cc4807443facd5 (same maths at 15fd8d88d0cd736db57afadf262dc7889e68ca2d);
+# multi-similarity: MVR_MS_reg.forward lines 167-222 of the later version that adds it (the search index does not
+# give its commit; hyper_train.py at 12206e56297a5c94429fece6def21437eee77ed7 imports it). Only the formulas are
+# written out here. nn.PairwiseDistance's eps (1e-6 added to every coordinate difference) is left out.
+
+
+def mohan2020_triplet(x: torch.Tensor, labels: torch.Tensor, margin: float, reg: float) -> torch.Tensor:
+    a, p, n = lmu.get_all_triplets_indices(labels)  # every triplet of the batch, as the reproduction
+    cos = F.cosine_similarity(x[p] - x[a], x[n] - x[a], dim=1)
+    return F.relu((x[a] - x[p]).norm(dim=1) - (x[a] - x[n]).norm(dim=1) + margin - reg * cos).mean()
+
+
+def mohan2020_proxy_nca(x: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, reg: float) -> torch.Tensor:
+    """Per sample: -log( exp(-d_y) / sum_{z != y} exp(-(d_z + reg cos_z)) ), unsquared distances."""
+    d = torch.cdist(x, proxies)  # (B, C)
+    cos = F.cosine_similarity(proxies[None] - x[:, None], (proxies[labels] - x)[:, None], dim=2)  # (B, C)
+    own = F.one_hot(labels, len(proxies)).bool()
+    return d[own] + torch.logsumexp(-(d + reg * cos)[~own].view(len(x), -1), dim=1)
+
+
+def mohan2020_multi_similarity(x, labels, scale_pos, scale_neg, thresh, margin, gamma):
     sim = x @ x.T
-    values = []
+    total = torch.zeros((), dtype=x.dtype)
     for i in range(len(x)):
-        pos = [j for j in range(len(x)) if j != i and labels[j] == labels[i]]
+        pos = [j for j in range(len(x)) if labels[j] == labels[i] and sim[i, j] < 1 - 1e-5]
         neg = [k for k in range(len(x)) if labels[k] != labels[i]]
-        hardest = min(pos, key=lambda j: sim[i, j])
-        c = (x[i] + x[hardest]) / 2
-        pos_term = torch.log(1 + sum(torch.exp(-alpha * (sim[i, j] - base)) for j in pos)) / alpha
-        neg_sims = [F.cosine_similarity(c, x[k], dim=0) + gamma * cos2(x[hardest] - x[i], x[k] - c) for k in neg]
-        neg_term = torch.log(1 + sum(torch.exp(beta * (s - base)) for s in neg_sims)) / beta
-        values.append(pos_term + neg_term)
-    return torch.stack(values).mean()
+        pos_kept = [j for j in pos if sim[i, j] - margin < max(sim[i, k] for k in neg)]
+        neg_kept = [k for k in neg if sim[i, k] + margin > min(sim[i, j] for j in pos)]
+        if not pos_kept or not neg_kept:
+            continue
+        hardest = min(pos_kept, key=lambda j: sim[i, j])
+        reg = gamma * F.cosine_similarity(x[neg_kept] - x[i], (x[hardest] - x[i])[None], dim=1)
+        total = total + torch.log(1 + torch.exp(-scale_pos * (sim[i, pos_kept] - thresh)).sum()) / scale_pos
+        total = total + torch.log(1 + torch.exp(scale_neg * (sim[i, neg_kept] - thresh - reg)).sum()) / scale_neg
+    return total / len(x)
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.7])
-def test_triplet_closed_form(gamma):
-    emb, labels = random_batch(0)
-    loss = DirectionTripletLoss(gamma=gamma, margin=0.4)
-    torch.testing.assert_close(loss(emb, labels), triplet_reference(emb, labels, 0.4, gamma))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triplet_matches_the_reproduction(seed):
+    emb, labels = random_batch(seed)
+    emb.requires_grad_()
+    ours = DirectionTripletLoss(gamma=0.49, margin=0.28, reducer=MeanReducer())(emb, labels)
+    (grad_ours,) = torch.autograd.grad(ours, emb)
+    # the reproduction's network L2-normalises its output; arcfold's loss does it (PML's distance)
+    reference = mohan2020_triplet(F.normalize(emb), labels, margin=0.28, reg=0.49)
+    (grad_reference,) = torch.autograd.grad(reference, emb)
+    assert ours.item() == pytest.approx(reference.item(), abs=1e-6)
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.7])
-def test_proxy_nca_closed_form(gamma):
-    torch.manual_seed(0)
-    emb, labels = random_batch(1)
-    loss = DirectionProxyNCALoss(num_classes=5, embedding_size=8, gamma=gamma, softmax_scale=4.0)
-    proxies = loss.proxies.detach().to(F64)
-    torch.testing.assert_close(loss(emb, labels), proxy_nca_reference(emb, labels, proxies, 4.0, gamma))
-
-
-@pytest.mark.parametrize("gamma", [0.0, 0.7])
-def test_multi_similarity_closed_form(gamma):
+def test_proxy_nca_matches_the_reproduction_up_to_the_own_proxy_in_the_denominator():
     emb, labels = random_batch(2)
-    loss = DirectionMultiSimilarityLoss(gamma=gamma, alpha=2.0, beta=10.0, base=0.3)
-    torch.testing.assert_close(loss(emb, labels), multi_similarity_reference(emb, labels, 2.0, 10.0, 0.3, gamma))
+    x = F.normalize(emb)
+    proxies = F.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(2), dtype=F64))  # its init
+    loss = DirectionProxyNCALoss(num_classes=5, embedding_size=8, gamma=0.3, distance=LpDistance(power=1))
+    loss.proxies = nn.Parameter(proxies.clone())
+    # with the own proxy also in the denominator, -log(e^-d_y / (e^-d_y + S)) = log(1 + S e^d_y) = softplus(r)
+    expected = F.softplus(mohan2020_proxy_nca(x, labels, proxies, reg=0.3)).mean()
+    assert loss(x, labels).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-# --- gamma = 0: which reduction holds -----------------------------------------------------------
-# With gamma = 0 the negatives are still measured from the midpoint c, so the losses are PML's plain
-# losses only where c = a: every positive coincides with its anchor (tied batches; for ProxyNCA, every
-# embedding coincides with its class proxy). On ordinary batches they differ.
+@pytest.mark.parametrize("seed", [3, 4])
+def test_multi_similarity_with_its_miner_matches_the_reproduction(seed):
+    emb, labels = random_batch(seed, n_classes=5, m=4)
+    x = F.normalize(emb)
+    pairs = pml_miners.MultiSimilarityMiner(epsilon=0.1)(x, labels)
+    assert len(pairs[0]) > 0 and len(pairs[2]) > 0
+    ours = DirectionMultiSimilarityLoss(gamma=0.3, alpha=2.0, beta=50.0, base=0.6)(x, labels, pairs)
+    reference = mohan2020_multi_similarity(x, labels, 2.0, 50.0, thresh=0.6, margin=0.1, gamma=0.3)
+    assert ours.item() == pytest.approx(reference.item(), abs=1e-6)
 
 
-def test_triplet_gamma_zero_is_pml_where_the_midpoint_is_the_anchor():
-    emb, labels = tied_batch(3)  # 12 points: cdist stays on its exact (non-matmul) path
-    torch.testing.assert_close(
-        DirectionTripletLoss(margin=0.3)(emb, labels), pml.TripletMarginLoss(margin=0.3)(emb, labels)
-    )
-    emb, labels = random_batch(3)
-    assert not torch.isclose(
-        DirectionTripletLoss(margin=0.3)(emb, labels), pml.TripletMarginLoss(margin=0.3)(emb, labels)
-    )
+# --- gamma = 0: PML's plain losses, value for value -------------------------------------------------
 
 
-def test_proxy_nca_gamma_zero_is_pml_where_the_midpoint_is_the_anchor():
+def test_gamma_zero_is_pml_triplet():
+    for emb, labels in (random_batch(3), tied_batch(3)):
+        torch.testing.assert_close(
+            DirectionTripletLoss(margin=0.3)(emb, labels), pml.TripletMarginLoss(margin=0.3)(emb, labels)
+        )
+
+
+def test_gamma_zero_is_pml_proxy_nca():
     torch.manual_seed(0)
-    emb, labels = tied_batch(4)
+    emb, labels = random_batch(4)
     dr = DirectionProxyNCALoss(num_classes=4, embedding_size=8, softmax_scale=3.0)
     reference = pml.ProxyNCALoss(num_classes=4, embedding_size=8, softmax_scale=3.0)
-    with torch.no_grad():
-        dr.proxies.copy_(emb[::3].float())  # each class proxy = its (tied) embeddings
     reference.load_state_dict(dr.state_dict())
-    emb = emb.float()
     torch.testing.assert_close(dr(emb, labels), reference(emb, labels))
-    emb, labels = random_batch(4)
-    emb = emb.float()
-    assert not torch.isclose(dr(emb, labels), reference(emb, labels))
 
 
-def test_multi_similarity_gamma_zero_is_pml_where_the_midpoint_is_the_anchor():
-    emb, labels = tied_batch(5)
+def test_gamma_zero_is_pml_multi_similarity():
+    emb, labels = random_batch(5)
     kwargs = {"alpha": 2.0, "beta": 10.0, "base": 0.3}
     torch.testing.assert_close(
         DirectionMultiSimilarityLoss(**kwargs)(emb, labels), pml.MultiSimilarityLoss(**kwargs)(emb, labels)
     )
-    emb, labels = random_batch(5)
-    dr, plain = DirectionMultiSimilarityLoss(**kwargs)(emb, labels), pml.MultiSimilarityLoss(**kwargs)(emb, labels)
-    assert not torch.isclose(dr, plain)
 
 
-# --- orthogonal configurations: the regulariser vanishes ------------------------------------------
+# --- gradients ----------------------------------------------------------------------------------------
 
 
-def test_orthogonal_configuration_leaves_every_loss_unchanged():
-    # mutually orthogonal unit vectors: every point is equidistant from any other two, so every
-    # midpoint -> negative line is orthogonal to its anchor -> positive line
-    emb, labels = torch.eye(4, dtype=F64), torch.tensor([0, 0, 1, 1])
-    for gamma in (0.0, 5.0):
-        assert DirectionTripletLoss(gamma=gamma)(emb, labels).item() > 0  # the hinge is active
-    torch.testing.assert_close(DirectionTripletLoss(gamma=5.0)(emb, labels), DirectionTripletLoss()(emb, labels))
-    ms = {"alpha": 2.0, "beta": 10.0, "base": 0.3}
-    torch.testing.assert_close(
-        DirectionMultiSimilarityLoss(gamma=5.0, **ms)(emb, labels), DirectionMultiSimilarityLoss(**ms)(emb, labels)
-    )
-    nca, nca_reg = (DirectionProxyNCALoss(num_classes=3, embedding_size=8, gamma=g) for g in (0.0, 5.0))
-    with torch.no_grad():
-        nca.proxies.copy_(torch.eye(8)[5:])  # orthogonal to the embeddings and to each other
-        nca_reg.proxies.copy_(torch.eye(8)[5:])
-    x, y = torch.eye(8)[:2], torch.tensor([0, 1])
-    torch.testing.assert_close(nca_reg(x, y), nca(x, y))
-    # ...while a non-orthogonal configuration is penalised
-    bent = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0.9, 0, 1, 0], [0, 0, 0, 1]], dtype=F64)
-    assert DirectionTripletLoss(gamma=5.0)(bent, labels) > DirectionTripletLoss()(bent, labels)
-
-
-# --- gradients: the negative is pushed from the midpoint, not from the anchor --------------------
-
-
-def _negative_gradient(kind: str, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hand-built a = e1, p = e2 (class 0) and n on their perpendicular bisector (class 1); only the
-    terms where n is a negative of anchor a. Returns (-grad_n, n, c, a)."""
-    a, p, n = unit(1, 0, 0), unit(0, 1, 0), unit(1, 1, 0.5)
-    c = (a + p) / 2
-    if kind == "proxy_nca":  # x = a, its class proxy = p, the other proxy = n
-        loss = DirectionProxyNCALoss(num_classes=2, embedding_size=3, gamma=gamma)
-        loss.proxies = nn.Parameter(torch.cat([p, n]))
-        loss(a, torch.tensor([0])).backward()
-        return -loss.proxies.grad[1:], n, c, a
-    emb = torch.cat([a, p, n]).requires_grad_()
-    labels = torch.tensor([0, 0, 1])
-    if kind == "triplet":
-        DirectionTripletLoss(gamma=gamma, margin=0.1)(
-            emb, labels, (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
-        ).backward()
-    else:  # multi-similarity: anchor 0's negative pair (0, 2); PML needs more than one pair of each kind
-        emb = torch.cat([a, p, n, unit(-1, -1, 0.3)]).detach().requires_grad_()
-        labels = torch.tensor([0, 0, 1, 1])
-        pairs = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0, 0]), torch.tensor([2, 3]))
-        DirectionMultiSimilarityLoss(gamma=gamma)(emb, labels, pairs).backward()
-        return -emb.grad[2:3], n, c, a
-    return -emb.grad[2:], n, c, a
-
-
-@pytest.mark.parametrize("kind", ["triplet", "proxy_nca", "multi_similarity"])
-@pytest.mark.parametrize("gamma", [0.0, 2.0])
-def test_gradient_pushes_the_negative_away_from_the_midpoint(kind, gamma):
-    push, n, c, a = _negative_gradient(kind, gamma)
-    assert push.norm() > 1e-3
-    # on the unit sphere the push can only be tangential: it is the tangential part of n - c ...
-    assert F.cosine_similarity(push, tangential(n - c, n)).item() > 1 - 1e-9
-    # ... which is not the direction away from the anchor
-    assert F.cosine_similarity(push, tangential(n - a, n)).item() < 0.5
-
-
-def test_plain_triplet_pushes_the_negative_away_from_the_anchor():
-    # the contrast the regulariser is about: PML's triplet loss moves n along n - a
-    a, p, n = unit(1, 0, 0), unit(0, 1, 0), unit(1, 1, 0.5)
-    emb = torch.cat([a, p, n]).requires_grad_()
+def test_regulariser_turns_the_negative_towards_the_anchor_positive_direction():
+    # a = e1, p = e2, n = e3, one triplet with an active hinge: the regulariser's part of the negative's
+    # descent direction is gamma (u - cos v) / |v| with u, v the unit vectors of p - a and n - a (d cos / d n),
+    # projected on the sphere's tangent plane at n (the loss sees normalised embeddings)
+    emb, labels = torch.eye(3, dtype=F64), torch.tensor([0, 0, 1])
     triplet = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
-    pml.TripletMarginLoss(margin=0.1)(emb, torch.tensor([0, 0, 1]), triplet).backward()
-    assert F.cosine_similarity(-emb.grad[2:], tangential(n - a, n)).item() > 1 - 1e-9
 
+    def push(gamma: float) -> torch.Tensor:
+        x = emb.clone().requires_grad_()
+        DirectionTripletLoss(gamma=gamma, margin=3.0)(x, labels, triplet).backward()  # hinge active
+        return -x.grad[2]
 
-def test_regulariser_gradient_turns_the_negative_towards_orthogonality():
-    # off the bisector the penalty's own gradient rotates n - c towards orthogonality with p - a
-    a, p = vec(1, 0, 0), vec(0, 1, 0)
-    n = vec(0.2, 0.9, 0.6).requires_grad_()
-    before = direction_penalty(a, p, n)
-    before.sum().backward()
-    with torch.no_grad():
-        after = direction_penalty(a, p, n - 0.01 * n.grad)
-    assert before.item() > 0.05 and after.item() < before.item()
+    u, v = torch.tensor([-1.0, 1, 0], dtype=F64) / 2**0.5, torch.tensor([-1.0, 0, 1], dtype=F64) / 2**0.5
+    turn = (u - 0.5 * v) / 2**0.5  # cos = 1/2, |n - a| = sqrt 2
+    turn = turn - turn[2] * emb[2]  # tangential at n = e3
+    torch.testing.assert_close(push(2.0) - push(0.0), 2.0 * turn)
 
 
 def test_degenerate_positive_equal_to_anchor_gives_finite_gradients():
@@ -329,7 +305,7 @@ def test_build_pair_loss_picks_the_regularised_loss():
 @pytest.mark.parametrize(
     ("name", "miner", "miner_params"),
     [
-        ("triplet", "triplet_margin", {"margin": 0.3}),
+        ("triplet", "triplet_margin", {"margin": -0.1}),  # a strict subset of the triplets with a positive loss
         ("triplet", "batch_hard", {}),
         ("multi_similarity", "multi_similarity", {"epsilon": 0.1}),
         ("proxy_nca", "pair_margin", {"pos_margin": 0.5, "neg_margin": 1.2}),

@@ -2,45 +2,56 @@
 
 Mohan, Sankaran, Fedorishin, Setlur, Govindaraju, "Moving in the Right Direction: A Regularization for
 Deep Metric Learning", CVPR 2020. A triplet loss pushes the negative ``n`` away from the anchor ``a``
-only, which can push it towards the positive ``p`` (and into the positive's cluster). The paper
-instead pushes the negative away from the **midpoint** ``c = (a + p) / 2`` of the anchor and the
-positive, and regularises the **direction** of that push: the line ``c -> n`` should be orthogonal to
-the line ``a -> p``, weighted by gamma.
+only, which can push it towards the positive ``p``. As the reproductions below describe the paper, it
+motivates its regulariser with the midpoint of anchor and positive and the orthogonality of the
+midpoint->negative line to the anchor->positive line; the losses they implement add, with weight gamma,
+the cosine of the angle **at the anchor** between ``p - a`` and ``n - a`` to the negative's distance.
 
-Source and what is followed. The search tools available here returned the paper's abstract and two
-student reproductions (github.com/alpoler/mohan2020, CENG501-Spring2021/project_Karadeniz), not the
-paper's equations; the reproductions differ from each other in details and both measure the angle at
-the anchor (``cos(p - a, n - a)``), not at the midpoint. The paper's equation numbers could therefore not
-be checked; this module implements the method as issue 3 describes it (negative distances measured from
-the midpoint, and a penalty on the non-orthogonality of ``c -> n`` to ``a -> p``) with the formulas
-below, which are this module's own (on L2-normalised embeddings, as PML's default distances use them)::
+Source and what is followed. The paper's equations could not be read here (the stored copies hold its
+abstract only). The formulas below follow the public reproduction github.com/alpoler/mohan2020
+(``loss/mvrloss.py``; a CENG501 student project that reproduces the paper, not the authors' own code),
+whose triplet direction term a second, independent reproduction (CENG501-Spring2021/project_Karadeniz,
+``loss.py``) writes the same way. ``benchmarks/results/direction_vs_mohan2020.md`` compares them term by term
+with file, line and commit. On L2-normalised embeddings, with ``cos = cos(angle(p - a, n - a))``::
 
-    c        = (a + p) / 2                                  midpoint of anchor and positive
-    R(a,p,n) = cos^2(angle(p - a, n - c))                   in [0, 1]; 0 iff (n - c) is orthogonal to (p - a)
-             = <p - a, n - c>^2 / (|p - a|^2 |n - c|^2)
-
-    DR-triplet      l = [ |a - p| - |c - n| + margin + gamma R ]_+               (per triplet)
+    DR-triplet      l = [ |a - p| - |a - n| + margin - gamma cos ]_+                       (per triplet)
     DR-ProxyNCA     l = -log softmax_z( -s d_z )[y],   d_y = |x - P_y|^2,
-                        d_z = |c - P_z|^2 - gamma R(x, P_y, P_z)  for z != y      (positive = own class proxy)
+                        d_z = |x - P_z|^2 + gamma cos(angle(P_y - x, P_z - x))  for z != y
     DR-MS           l = 1/alpha log(1 + sum_P exp(-alpha (S_ap - base)))
-                      + 1/beta  log(1 + sum_N exp( beta (cos(c, n) + gamma R(a, p*, n) - base)))
+                      + 1/beta  log(1 + sum_N exp( beta (S_an - gamma cos(angle(p* - a, n - a)) - base)))
                         with p* the hardest (least similar) positive of the anchor
 
-R is squared so that the penalty is symmetric (a negative nearer the positive and one nearer the anchor
-are equally "non-orthogonal") and smooth with zero gradient at orthogonality. It is added to the
-negative's violation *inside* the hinge / softmax, in the loss's own units, so a non-orthogonal negative
-counts as harder; triplets that satisfy the margin get no gradient from it. Note that ``|c - n|`` is not
-``|a - n|``: **with gamma = 0 these losses are not pytorch-metric-learning's plain losses** but their
-midpoint versions; they reduce exactly to the plain losses only where the positive coincides with the
-anchor (``c = a``), which is what the tests check. ``build_pair_loss`` uses the plain PML loss for
-``direction_gamma = 0``.
+In all three the term makes a negative lying towards the positive, as seen from the anchor (cos > 0),
+count as farther, and one behind the anchor (cos < 0) as nearer; a triplet whose hinge the term closes
+gives no gradient (the reproduction's "inherent mining" of negatives near both anchor and positive).
+The term's own gradient on the negative turns ``n - a`` towards ``p - a``, which the midpoint
+motivation does not obviously ask for; the paper's equations would settle the sign (the report above
+says more). With gamma = 0 every loss
+here is pytorch-metric-learning's plain loss, value for value (the tests check it on random batches).
+
+Deliberate differences from the reproduction, each so that gamma = 0 is exactly arcfold's plain loss of
+the same name (``build_pair_loss`` uses the plain PML loss for ``direction_gamma = 0``):
+
+- Triplets come from PML (all triplets of the batch, or a miner's) and are averaged by PML's reducer,
+  the mean over the triplets with a positive loss; the reproduction averages over all triplets
+  (``torch.mean``), which ``reducer=MeanReducer()`` gives.
+- ProxyNCA is PML's: squared distances of L2-normalised proxies, the own proxy in the softmax's
+  denominator, ``softmax_scale`` multiplying the whole ``d_z``; the reproduction uses unsquared distances
+  to raw proxies (initialised on the unit sphere) and leaves the own proxy out of the denominator, so
+  with the same distances its per-sample loss ``r`` and arcfold's ``l`` satisfy ``l = softplus(r)``.
+- Multi-similarity is PML's loss, which does not mine by itself: ``head.miner=multi_similarity``
+  (epsilon 0.1) gives the reproduction's built-in pair mining. The hardest positive is the least
+  similar of the anchor's (mined) positives, as there. An anchor without a positive gets no penalty
+  (the reproduction fails on it).
+- The cosine fades to 0 where ``|p - a| |n - a| < 1e-3`` (the direction is undefined; the Gram-matrix
+  form below loses precision there in fp32); the reproduction floors each norm at 1e-8 instead.
 
 Why by hand: pytorch-metric-learning has no direction regulariser and its losses only see the distance
-matrix, not the positions the midpoint needs. The classes below subclass PML's own losses and reuse
-their miner handling (``convert_to_triplets`` / ``convert_to_pairs`` / ``convert_to_weights``),
-distances, reducers and proxy parameters; only ``compute_loss`` is new. Every geometric quantity is
-computed from inner products (Gram matrices), never from per-triplet vectors, so memory stays
-O(B^2 + B C) rather than O(B^2 m D) for "all" triplets.
+matrix, not the positions the angle needs. The classes below subclass PML's own losses and reuse their
+miner handling (``convert_to_triplets`` / ``convert_to_pairs`` / ``convert_to_weights``), distances,
+reducers and proxy parameters; only ``compute_loss`` is new. Every cosine is computed from inner
+products (Gram matrices), never from per-triplet vectors, so memory stays O(B^2 + B C) rather than
+O(B^2 m D) for "all" triplets.
 """
 
 from __future__ import annotations
@@ -57,52 +68,50 @@ __all__ = [
     "DirectionMultiSimilarityLoss",
     "DirectionProxyNCALoss",
     "DirectionTripletLoss",
-    "direction_penalty",
-    "direction_terms",
+    "direction_cosine",
+    "direction_cosine_from_gram",
 ]
 
-_COS_EPS = 1e-6  # floor of |p - a|^2 |n - c|^2: the penalty fades to 0 as the direction becomes undefined
-_SQRT_EPS = 1e-12  # clamp before sqrt: d sqrt(x)/dx is infinite at 0
+_COS_EPS = 1e-6  # floor of |p - a|^2 |n - a|^2: the cosine fades to 0 as the direction becomes undefined
 
 
-def direction_terms(
+def direction_cosine_from_gram(
     aa: torch.Tensor,
     pp: torch.Tensor,
     nn: torch.Tensor,
     ap: torch.Tensor,
     an: torch.Tensor,
     pn: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(|n - c|^2, R)`` from the inner products of anchor a, positive p and negative n (any broadcastable shapes).
+) -> torch.Tensor:
+    """``cos(angle(p - a, n - a))`` from the inner products of anchor a, positive p and negative n.
 
-    ``aa = <a, a>``, ``ap = <a, p>`` and so on; ``c = (a + p) / 2``, ``R = cos^2`` of the angle between
-    ``p - a`` and ``n - c``. Squared norms are clamped at 0 against rounding; R is clamped to [0, 1].
+    ``aa = <a, a>``, ``ap = <a, p>`` and so on, any broadcastable shapes. Squared norms are clamped at 0
+    against rounding, the result to [-1, 1]; the product ``|p - a|^2 |n - a|^2`` is floored at 1e-6, so
+    the cosine fades to 0 where a direction is (nearly) undefined, and its gradient stays finite.
     """
-    uv = pn - an - 0.5 * (pp - aa)  # <p - a, n - c>
+    uv = pn - ap - an + aa  # <p - a, n - a>
     uu = (aa - 2.0 * ap + pp).clamp(min=0.0)  # |p - a|^2
-    cc = 0.25 * (aa + 2.0 * ap + pp)  # |c|^2
-    vv = (nn - an - pn + cc).clamp(min=0.0)  # |n - c|^2
-    penalty = (uv.square() / (uu * vv).clamp(min=_COS_EPS)).clamp(max=1.0)
-    return vv, penalty
+    vv = (aa - 2.0 * an + nn).clamp(min=0.0)  # |n - a|^2
+    # |uv| <= sqrt(uu vv), so below the floor the cosine shrinks continuously to 0
+    return (uv / (uu * vv).clamp(min=_COS_EPS).sqrt()).clamp(-1.0, 1.0)
 
 
-def direction_penalty(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """R = cos^2 of the angle between ``positive - anchor`` and ``negative - (anchor + positive) / 2``, per row.
+def direction_cosine(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at the anchor between ``positive - anchor`` and ``negative - anchor``, per row.
 
-    (N, D) x 3 -> (N,). Zero when the negative lies on the perpendicular bisector of anchor and
-    positive (equidistant from both), one when it lies on their line.
+    (N, D) x 3 -> (N,). On the unit circle the angle at ``a`` is half the arc from ``p`` to ``n`` that
+    does not contain ``a`` (inscribed angle):
 
-    >>> a, p = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
-    >>> direction_penalty(a, p, torch.tensor([[0.0, 0.0, 1.0]])).item()
-    0.0
-    >>> round(direction_penalty(a, p, torch.tensor([[2.0, -1.0, 0.0]])).item(), 6)  # on the line through a and p
-    1.0
+    >>> deg = torch.deg2rad(torch.tensor([0.0, 60.0, 180.0, 300.0]))
+    >>> a, p, n, m = torch.stack([deg.cos(), deg.sin()], 1).split(1)
+    >>> round(direction_cosine(a, p, n).item(), 6), round(direction_cosine(a, p, m).item(), 6)  # 60 and 120 deg
+    (0.5, -0.5)
     """
 
     def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (x * y).sum(-1)
 
-    _, penalty = direction_terms(
+    return direction_cosine_from_gram(
         dot(anchor, anchor),
         dot(positive, positive),
         dot(negative, negative),
@@ -110,22 +119,21 @@ def direction_penalty(anchor: torch.Tensor, positive: torch.Tensor, negative: to
         dot(anchor, negative),
         dot(positive, negative),
     )
-    return penalty
 
 
 class DirectionTripletLoss(TripletMarginLoss):
-    """DR-triplet: ``[ |a - p| - |c - n| + margin + gamma R ]_+`` over the (mined or all) triplets.
+    """DR-triplet: ``[ |a - p| - |a - n| + margin - gamma cos(angle(p - a, n - a)) ]_+`` over the triplets.
 
     Same arguments, miner handling and reducer (mean over the triplets with a positive loss) as PML's
     ``TripletMarginLoss``; Euclidean distance of L2-normalised embeddings. ``swap`` is not supported
-    (it swaps the anchor for the positive, which the midpoint already treats symmetrically).
+    (the angle is taken at the anchor; a swapped triplet has none defined).
     """
 
     def __init__(self, gamma: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         if self.swap:
             raise ValueError("the direction-regularised triplet loss does not support swap=True")
-        c_f.assert_distance_type(self, LpDistance, normalize_embeddings=True, p=2, power=1)
+        c_f.assert_distance_type(self, LpDistance, normalize_embeddings=True, p=2)
         self.gamma = float(gamma)
         self.add_to_recordable_attributes(list_of_names=["gamma"], is_stat=False)
 
@@ -139,9 +147,8 @@ class DirectionTripletLoss(TripletMarginLoss):
         x = self.distance.normalize(embeddings)
         gram = x @ x.T  # (B, B)
         sq = gram.diagonal()
-        cn_sq, penalty = direction_terms(sq[a], sq[p], sq[n], gram[a, p], gram[a, n], gram[p, n])  # (T,) each
-        cn = cn_sq.clamp(min=_SQRT_EPS).sqrt()
-        violation = self.distance.margin(mat[a, p], cn) + self.margin + self.gamma * penalty
+        cos = direction_cosine_from_gram(sq[a], sq[p], sq[n], gram[a, p], gram[a, n], gram[p, n])  # (T,)
+        violation = self.distance.margin(mat[a, p], mat[a, n]) + self.margin - self.gamma * cos
         loss = F.softplus(violation) if self.smooth_loss else F.relu(violation)
         return {"loss": {"losses": loss, "indices": (a, p, n), "reduction_type": "triplet"}}
 
@@ -150,15 +157,15 @@ class DirectionProxyNCALoss(ProxyNCALoss):
     """DR-ProxyNCA: the positive is the sample's class proxy; every other proxy is a negative.
 
     Softmax over ``-softmax_scale * d`` with ``d_y = |x - P_y|^2`` and, for the other proxies,
-    ``d_z = |c - P_z|^2 - gamma R`` (squared Euclidean distances of L2-normalised vectors, PML's
-    ProxyNCA distance). Differences from PML's ``ProxyNCALoss`` besides the midpoint: ``log_softmax``
-    instead of ``log(softmax)``, so no sample is dropped when its probability underflows. Miner weights
-    and the mean over samples are PML's.
+    ``d_z = |x - P_z|^2 + gamma cos(angle(P_y - x, P_z - x))`` (PML's ProxyNCA distance: squared
+    Euclidean of L2-normalised vectors). Differences from PML's ``ProxyNCALoss`` besides the term:
+    ``log_softmax`` instead of ``log(softmax)``, so no sample is dropped when its probability underflows.
+    Miner weights and the mean over samples are PML's.
     """
 
     def __init__(self, num_classes: int, embedding_size: int, gamma: float = 0.0, **kwargs) -> None:
         super().__init__(num_classes, embedding_size, **kwargs)
-        c_f.assert_distance_type(self, LpDistance, normalize_embeddings=True, p=2, power=2)
+        c_f.assert_distance_type(self, LpDistance, normalize_embeddings=True, p=2)
         self.gamma = float(gamma)
         self.add_to_recordable_attributes(list_of_names=["gamma"], is_stat=False)
 
@@ -171,7 +178,7 @@ class DirectionProxyNCALoss(ProxyNCALoss):
         x = self.distance.normalize(embeddings)  # (B, D)
         proxies = self.distance.normalize(self.proxies)  # (C, D)
         own = proxies[labels]  # (B, D) the positive of each sample
-        cn_sq, penalty = direction_terms(
+        cos = direction_cosine_from_gram(
             (x * x).sum(1, keepdim=True),  # (B, 1)
             (own * own).sum(1, keepdim=True),  # (B, 1)
             (proxies * proxies).sum(1)[None],  # (1, C)
@@ -180,7 +187,7 @@ class DirectionProxyNCALoss(ProxyNCALoss):
             own @ proxies.T,  # (B, C)
         )
         is_own = F.one_hot(labels, mat.shape[1]).bool()  # (B, C)
-        dist = torch.where(is_own, mat, cn_sq - self.gamma * penalty)
+        dist = torch.where(is_own, mat, mat + self.gamma * cos)
         log_prob = F.log_softmax(-self.softmax_scale * dist, dim=1).gather(1, labels[:, None]).squeeze(1)
         loss_dict = {
             "loss": {
@@ -194,10 +201,10 @@ class DirectionProxyNCALoss(ProxyNCALoss):
 
 
 class DirectionMultiSimilarityLoss(MultiSimilarityLoss):
-    """DR-MS: the negative term uses the cosine similarity of each negative to the midpoint ``c`` of the
-    anchor and its hardest positive (lowest similarity among its positive pairs, mined or all), plus
-    ``gamma R``; the positive term is PML's. An anchor without a positive pair keeps ``c = a`` and no
-    penalty, i.e. PML's term. Same arguments, miner handling and reducer as ``MultiSimilarityLoss``.
+    """DR-MS: each negative's similarity to the anchor is lowered by ``gamma cos(angle(p* - a, n - a))``,
+    ``p*`` the anchor's hardest positive (lowest similarity among its positive pairs, mined or all); the
+    positive term is PML's. An anchor without a positive pair gets no penalty, i.e. PML's term. Same
+    arguments, miner handling and reducer as ``MultiSimilarityLoss``.
     """
 
     def __init__(self, gamma: float = 0.0, **kwargs) -> None:
@@ -219,16 +226,14 @@ class DirectionMultiSimilarityLoss(MultiSimilarityLoss):
         neg_mask[a2, n] = True
         rows = c_f.torch_arange_from_size(sim)
         hardest = sim.masked_fill(~pos_mask, float("inf")).argmin(dim=1)  # (B,)
-        hardest = torch.where(pos_mask.any(dim=1), hardest, rows)  # no positive: c = a
+        hardest = torch.where(pos_mask.any(dim=1), hardest, rows)  # no positive: p* = a, cosine 0
         sq = sim.diagonal()
         aa, pp, ap = sq[:, None], sq[hardest][:, None], sim[rows, hardest][:, None]  # (B, 1)
         an, pn, nn = sim, sim[hardest], sq[None]  # (B, B), (B, B), (1, B)
-        _, penalty = direction_terms(aa, pp, nn, ap, an, pn)
-        cc = 0.25 * (aa + 2.0 * ap + pp)  # |c|^2
-        neg_sim = 0.5 * (an + pn) / (cc * nn).clamp(min=_SQRT_EPS).sqrt()  # cos(c, n)
+        cos = direction_cosine_from_gram(aa, pp, nn, ap, an, pn)  # (B, B): anchor i, negative j
 
         pos_exp = self.distance.margin(sim, self.base)  # base - S_ap
-        neg_exp = self.distance.margin(self.base, neg_sim + self.gamma * penalty)  # S_cn + gamma R - base
+        neg_exp = self.distance.margin(self.base, sim - self.gamma * cos)  # S_an - gamma cos - base
         pos_loss = (1.0 / self.alpha) * lmu.logsumexp(self.alpha * pos_exp, keep_mask=pos_mask, add_one=True)
         neg_loss = (1.0 / self.beta) * lmu.logsumexp(self.beta * neg_exp, keep_mask=neg_mask, add_one=True)
         return {
