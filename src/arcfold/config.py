@@ -98,6 +98,11 @@ class ModelConfig:
     neck: str = "linear_bn_prelu"  # gp | gp_bn | dp_gp | bn_gp | bn_dp_gp_bn | linear_bn | linear_bn_prelu
     embedding_size: int = 512
     drop_rate: float = 0.0  # dropout: before the linear layer (linear necks) or where the neck names it (dp)
+    # multi-stage fine-tuning: a fresh fold starts from this arcfold checkpoint (backbone, pooling, neck; the head
+    # too when it has the same head.name and classes), "{fold}" replaced by the fold trained, e.g.
+    # models/omniglot_arcface/fold{fold}.pt. Only the same fold of the same fold file is accepted (another fold's
+    # or a full-data model saw this fold's validation rows). Not with pretrained/pretrained_path; resume wins
+    init_from: str | None = None
 
 
 @dataclass
@@ -413,6 +418,9 @@ def validate_config(cfg: ExperimentConfig) -> None:
         problems.append(f"train.ema_decay must be in [0, 1) (0 = off; typical 0.999-0.9998), got {cfg.train.ema_decay}")
     if cfg.train.ema_decay > 0 and cfg.head.sharded:
         problems.append("train.ema_decay is not supported with head.sharded=true (each process holds only its rows)")
+    if cfg.model.init_from and (cfg.model.pretrained_path or cfg.model.pretrained):
+        other = "model.pretrained_path" if cfg.model.pretrained_path else "model.pretrained=true"
+        problems.append(f"model.init_from and {other} both set: the starting weights come from one of them")
     if cfg.head.margin >= 3.1416:
         problems.append(f"head.margin is in radians and must be < pi (got {cfg.head.margin}); 0.5 rad = 28.6 degrees")
     if problems:

@@ -24,10 +24,12 @@ on): Recall@1/2/4/5/8/10 and MAP@R. Which epoch the fold keeps is ``train.keep``
 with ``keep`` and ``kept_epoch``, the last epoch's as ``last_epoch`` and ``last`` (``{metric: value}``), and
 ``best_epoch``, the kept epoch's old name (kept for readers of older files, whose folds always kept the best).
 
-EMA: with ``train.ema_decay > 0`` an EMA of the model and head is kept (:mod:`arcfold.ema`); validation, the kept
-OOF embeddings and ``fold<K>.pt`` are the EMA weights', and the fold JSON records ``ema_decay`` / ``ema_warmup``
-(``history.csv``: the decay of each epoch's last update). ``fold<K>.pt`` also holds the head's state dict and class
-list (``head``, ``classes``; not for a sharded head).
+EMA and multi-stage fine-tuning: with ``train.ema_decay > 0`` an EMA of the model and head is kept
+(:mod:`arcfold.ema`); validation, the kept OOF embeddings and ``fold<K>.pt`` are the EMA weights', and the fold JSON
+records ``ema_decay`` / ``ema_warmup`` (``history.csv``: the decay of each epoch's last update). ``model.init_from``
+starts a fresh fold from a finished fold's checkpoint (:mod:`arcfold.init_from`; the fold JSON records
+``init_from``: path, fold, epoch, whether the head was loaded). For it, ``fold<K>.pt`` also holds the head's state
+dict and class list (``head``, ``classes``; not for a sharded head) and the fold file's ``folds_sha256``.
 
 Crashes and resume
 ------------------
@@ -111,6 +113,7 @@ from arcfold.distributed import (
 from arcfold.ema import WeightEma, build_ema
 from arcfold.embed import extract_embeddings
 from arcfold.folds import TEST_FOLD, ensure_folds, file_sha256, verify_fold_file
+from arcfold.init_from import init_weights_from, load_init_checkpoint
 from arcfold.io import (
     ArtifactExistsError,
     CorruptFileError,
@@ -530,6 +533,10 @@ def _train_fold(
     n_splits = int(folds_df[FOLD].max()) + 1
     if not 0 <= fold < n_splits:
         raise ValueError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")
+    folds_sha256 = file_sha256(folds_path)
+    init = None  # model.init_from on a fresh fold (a resumed one continues from last.pt): checked before the data
+    if ckpt is None and cfg.model.init_from:
+        init = load_init_checkpoint(cfg, fold, folds_sha256)
     root = image_root(cfg.data)
     # The folds stage decoded every image already (data.check_images); here, per fold, only check the
     # files are still there: decoding 1.6M landmark images again for every fold would cost minutes.
@@ -606,6 +613,10 @@ def _train_fold(
     else:
         head = build_head(cfg.head, cfg.model.embedding_size, len(classes), class_counts=class_counts).to(device)
     class_names = [str(c) for c in classes]  # the head's rows in order: stored in fold<K>.pt for model.init_from
+    init_info = None  # what model.init_from loaded, for the fold JSON
+    if init is not None:  # (path, checkpoint), dropped once copied
+        init_info = init_weights_from(*init, cfg, model, head, class_names, sharded=cfg.head.sharded and ctx.enabled)
+        init = None
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.sync_bn and ctx.enabled:
@@ -658,6 +669,7 @@ def _train_fold(
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
+        init_info = ckpt.get("init_from")
         start_epoch, best, kept, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["kept"], ckpt["history"]
         guard.in_a_row = int(ckpt.get("nonfinite_in_a_row", 0))
         if kept["epoch"] >= 0 and ctx.is_main:
@@ -745,7 +757,9 @@ def _train_fold(
             head_extra = {} if sharded else {"classes": class_names, "head": _to_cpu(eval_head.state_dict())}
             save_torch(
                 paths.best(epoch),
-                embedding_checkpoint(eval_model, cfg, fold=fold, epoch=epoch, metrics=metrics, **head_extra),
+                embedding_checkpoint(
+                    eval_model, cfg, fold=fold, epoch=epoch, metrics=metrics, folds_sha256=folds_sha256, **head_extra
+                ),
             )
         if ctx.is_main:
             save_history(paths.history, history)
@@ -777,6 +791,7 @@ def _train_fold(
                     "history": history,
                     "nonfinite_in_a_row": guard.in_a_row,
                     **({"ema": ema.state_dict()} if ema is not None else {}),
+                    **({"init_from": init_info} if init_info is not None else {}),
                 },
             )
             paths.remove_best_except(kept["epoch"])  # the previously kept epoch's files, now superseded
@@ -786,6 +801,8 @@ def _train_fold(
     extra: dict[str, Any] = {"skipped_images": skipped_images} if cfg.data.skip_bad_images else {}
     if ema is not None:
         extra.update(ema_decay=cfg.train.ema_decay, ema_warmup=cfg.train.ema_warmup)
+    if init_info is not None:
+        extra["init_from"] = init_info
     seconds = time.time() - started
     return on_rank0(ctx, lambda: _finalize(cfg, fold, paths, val_df, kept, history, folds_path, seconds, extra))
 
