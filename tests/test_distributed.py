@@ -179,6 +179,7 @@ def _loop_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
     from arcfold.config import load_config
     from arcfold.distributed import dist_context, gather_rows, process_group
+    from arcfold.ema import build_ema
     from arcfold.models.embedding import build_model
     from arcfold.models.heads import build_head
     from arcfold.train import _train_one_epoch, build_ddp, build_optimizer
@@ -198,6 +199,7 @@ def _loop_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         optimizer = build_optimizer(cfg, model, head)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         ddp = build_ddp(cfg, model, head, ctx, torch.device("cpu"))
+        ema = build_ema(model, head, 0.5, warmup=False)  # of the unwrapped modules, as train_fold builds it
         events: list[str] = []
 
         def counting_hook(state, bucket):
@@ -219,16 +221,22 @@ def _loop_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         cpu = torch.device("cpu")
         _train_one_epoch(
-            cfg, model, head, batches, 4, optimizer, scheduler, scaler, params, cpu, None, 0, ddp=ddp, ctx=ctx
+            cfg, model, head, batches, 4, optimizer, scheduler, scaler, params, cpu, None, 0, ddp=ddp, ctx=ctx, ema=ema
         )
         weights = [torch.zeros_like(head.weight) for _ in range(world_size)]
         dist.all_gather(weights, head.weight.detach())
+        ema_weights = [torch.zeros_like(head.weight) for _ in range(world_size)]
+        dist.all_gather(ema_weights, ema.head.weight.detach())
         torch.save(
             {
                 "gathered": gathered,
                 "events": events,
                 "head_changed": not torch.equal(head.weight.detach(), head_before),
                 "weights": weights,
+                "ema_updates": ema.updates,
+                "ema_weights": ema_weights,
+                "ema_between": bool(((ema.head.weight - head_before).abs() > 0).any())
+                and not torch.equal(ema.head.weight, head.weight),
             },
             Path(out_dir) / f"loop_rank{rank}.pt",
         )
@@ -248,6 +256,9 @@ def test_loop_gathers_rows_in_order_skips_allreduce_on_accumulation_steps_and_ke
         # each rank trained on its own data, yet the head (inside DDP) is the same on every rank
         assert out["head_changed"]
         assert all(torch.equal(w, out["weights"][0]) for w in out["weights"])
+        # the EMA: one update per optimizer step (2 windows), the same on every rank, neither start nor end
+        assert out["ema_updates"] == 2 and out["ema_between"]
+        assert all(torch.equal(w, out["ema_weights"][0]) for w in out["ema_weights"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,6 +98,11 @@ class ModelConfig:
     neck: str = "linear_bn_prelu"  # gp | gp_bn | dp_gp | bn_gp | bn_dp_gp_bn | linear_bn | linear_bn_prelu
     embedding_size: int = 512
     drop_rate: float = 0.0  # dropout: before the linear layer (linear necks) or where the neck names it (dp)
+    # multi-stage fine-tuning: a fresh fold starts from this arcfold checkpoint (backbone, pooling, neck; the head
+    # too when it has the same head.name and classes), "{fold}" replaced by the fold trained, e.g.
+    # models/omniglot_arcface/fold{fold}.pt. Only the same fold of the same fold file is accepted (another fold's
+    # or a full-data model saw this fold's validation rows). Not with pretrained/pretrained_path; resume wins
+    init_from: str | None = None
 
 
 @dataclass
@@ -182,6 +187,13 @@ class TrainConfig:
     # estimate) | best (highest validation Recall@1: the epoch is chosen on the fold it is scored on, so the OOF
     # score is optimistic; score and leaderboard flag it). Fold JSONs record the kept and the last epoch's scores
     keep: str = "last"
+    # EMA of the weights (timm ModelEmaV3 over the embedding model and the head, BatchNorm statistics averaged too),
+    # updated after every applied optimizer step; validation, the kept OOF embeddings and fold<K>.pt use the EMA
+    # weights. 0 = off; typical 0.999-0.9998 (fewer steps: lower). Not with head.sharded
+    ema_decay: float = 0.0
+    # ModelEmaV3's use_warmup: the decay after n updates is min(ema_decay, 1 - n^(-2/3)) (0 at the first update,
+    # 0.9 at 32, 0.99 at 1000), so a short run is not dominated by its random init; false: ema_decay from the start
+    ema_warmup: bool = True
     resume: bool = False  # continue an interrupted fold from its last checkpoint
     force: bool = False  # overwrite a finished fold's OOF and weights
     progress: bool = True  # tqdm bars
@@ -402,6 +414,13 @@ def validate_config(cfg: ExperimentConfig) -> None:
             )
     if cfg.train.dist_timeout_s <= 0:
         problems.append(f"train.dist_timeout_s must be positive (got {cfg.train.dist_timeout_s})")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        problems.append(f"train.ema_decay must be in [0, 1) (0 = off; typical 0.999-0.9998), got {cfg.train.ema_decay}")
+    if cfg.train.ema_decay > 0 and cfg.head.sharded:
+        problems.append("train.ema_decay is not supported with head.sharded=true (each process holds only its rows)")
+    if cfg.model.init_from and (cfg.model.pretrained_path or cfg.model.pretrained):
+        other = "model.pretrained_path" if cfg.model.pretrained_path else "model.pretrained=true"
+        problems.append(f"model.init_from and {other} both set: the starting weights come from one of them")
     if cfg.head.margin >= 3.1416:
         problems.append(f"head.margin is in radians and must be < pi (got {cfg.head.margin}); 0.5 rad = 28.6 degrees")
     if problems:

@@ -24,13 +24,20 @@ on): Recall@1/2/4/5/8/10 and MAP@R. Which epoch the fold keeps is ``train.keep``
 with ``keep`` and ``kept_epoch``, the last epoch's as ``last_epoch`` and ``last`` (``{metric: value}``), and
 ``best_epoch``, the kept epoch's old name (kept for readers of older files, whose folds always kept the best).
 
+EMA and multi-stage fine-tuning: with ``train.ema_decay > 0`` an EMA of the model and head is kept
+(:mod:`arcfold.ema`); validation, the kept OOF embeddings and ``fold<K>.pt`` are the EMA weights', and the fold JSON
+records ``ema_decay`` / ``ema_warmup`` (``history.csv``: the decay of each epoch's last update). ``model.init_from``
+starts a fresh fold from a finished fold's checkpoint (:mod:`arcfold.init_from`; the fold JSON records
+``init_from``: path, fold, epoch, whether the head was loaded). For it, ``fold<K>.pt`` also holds the head's state
+dict and class list (``head``, ``classes``; not for a sharded head) and the fold file's ``folds_sha256``.
+
 Crashes and resume
 ------------------
 An epoch counts as done once its ``last.pt`` is written, after its kept-epoch files and ``history.csv``.
 A run killed at any point (SIGKILL, power loss) resumes with ``train.resume=true`` from the last
 *finished* epoch: a kill mid-epoch or during validation loses that epoch's progress, which is then
 trained again. Every epoch reseeds Python, NumPy, torch, the augmentations and the sampler from
-``(seed, fold, epoch)``, and ``last.pt`` holds model, head, optimizer, scheduler, GradScaler, best and
+``(seed, fold, epoch)``, and ``last.pt`` holds model, head, optimizer, scheduler, GradScaler, EMA, best and
 kept epoch and history, so on a deterministic device a resumed run ends bit-identical to one never
 interrupted (tests/test_reliability_resume.py). Resuming with another config is refused (the keys that
 differ are listed), except for keys that do not change the result (``train.progress``, paths, ...).
@@ -103,8 +110,10 @@ from arcfold.distributed import (
     reduce_mean,
     shard_range,
 )
+from arcfold.ema import WeightEma, build_ema
 from arcfold.embed import extract_embeddings
 from arcfold.folds import TEST_FOLD, ensure_folds, file_sha256, verify_fold_file
+from arcfold.init_from import init_weights_from, load_init_checkpoint
 from arcfold.io import (
     ArtifactExistsError,
     CorruptFileError,
@@ -524,6 +533,10 @@ def _train_fold(
     n_splits = int(folds_df[FOLD].max()) + 1
     if not 0 <= fold < n_splits:
         raise ValueError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")
+    folds_sha256 = file_sha256(folds_path)
+    init = None  # model.init_from on a fresh fold (a resumed one continues from last.pt): checked before the data
+    if ckpt is None and cfg.model.init_from:
+        init = load_init_checkpoint(cfg, fold, folds_sha256)
     root = image_root(cfg.data)
     # The folds stage decoded every image already (data.check_images); here, per fold, only check the
     # files are still there: decoding 1.6M landmark images again for every fold would cost minutes.
@@ -599,12 +612,18 @@ def _train_fold(
         head = build_sharded_head(cfg, len(classes), ctx).to(device)
     else:
         head = build_head(cfg.head, cfg.model.embedding_size, len(classes), class_counts=class_counts).to(device)
+    class_names = [str(c) for c in classes]  # the head's rows in order: stored in fold<K>.pt for model.init_from
+    init_info = None  # what model.init_from loaded, for the fold JSON
+    if init is not None:  # (path, checkpoint), dropped once copied
+        init_info = init_weights_from(*init, cfg, model, head, class_names, sharded=cfg.head.sharded and ctx.enabled)
+        init = None
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.sync_bn and ctx.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm
     optimizer = build_optimizer(cfg, model, head)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = build_ema(model, head, cfg.train.ema_decay, cfg.train.ema_warmup)  # None when train.ema_decay=0
 
     # m-per-class batches (pair/proxy losses need positives in every batch); reseeded per epoch below
     m = cfg.sampler.m_per_class
@@ -648,6 +667,9 @@ def _train_fold(
             optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        init_info = ckpt.get("init_from")
         start_epoch, best, kept, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["kept"], ckpt["history"]
         guard.in_a_row = int(ckpt.get("nonfinite_in_a_row", 0))
         if kept["epoch"] >= 0 and ctx.is_main:
@@ -682,12 +704,14 @@ def _train_fold(
         train_stats = _train_one_epoch(
             cfg, model, head, loader, n_batches, optimizer, scheduler, scaler, params, device, amp_dtype, epoch, guard,
             ddp=ddp, ctx=ctx, sharded_params=list(head.parameters()) if sharded else None, normalise=device_normalise,
+            ema=ema,
         )  # fmt: skip
+        eval_model, eval_head = (ema.model, ema.head) if ema is not None else (model, head)  # validated and saved
 
         t0 = time.time()
         lo, hi = shard_range(len(val_ds), ctx.rank, ctx.world_size)  # each rank embeds its rows, then all gather
         embeddings = extract_embeddings(
-            model,
+            eval_model,
             val_ds if not ctx.enabled else Subset(val_ds, range(lo, hi)),
             batch_size=cfg.train.eval_batch_size,
             device=device,
@@ -729,7 +753,14 @@ def _train_fold(
         # the kept epoch's files: at each improvement with keep=best, only for the last epoch with keep=last
         if (improved if cfg.train.keep == "best" else epoch == cfg.train.epochs - 1) and ctx.is_main:
             save_npz(paths.best_oof(epoch), embeddings=embeddings)
-            save_torch(paths.best(epoch), embedding_checkpoint(model, cfg, fold=fold, epoch=epoch, metrics=metrics))
+            # the head (not a sharded one: each rank holds its rows) and its classes, for model.init_from
+            head_extra = {} if sharded else {"classes": class_names, "head": _to_cpu(eval_head.state_dict())}
+            save_torch(
+                paths.best(epoch),
+                embedding_checkpoint(
+                    eval_model, cfg, fold=fold, epoch=epoch, metrics=metrics, folds_sha256=folds_sha256, **head_extra
+                ),
+            )
         if ctx.is_main:
             save_history(paths.history, history)
         if on_epoch_end is not None:
@@ -759,13 +790,19 @@ def _train_fold(
                     "kept": kept,
                     "history": history,
                     "nonfinite_in_a_row": guard.in_a_row,
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
+                    **({"init_from": init_info} if init_info is not None else {}),
                 },
             )
             paths.remove_best_except(kept["epoch"])  # the previously kept epoch's files, now superseded
         if ctx.enabled:
             torch.distributed.barrier()  # the epoch is done for every rank once its resume point is written
 
-    extra = {"skipped_images": skipped_images} if cfg.data.skip_bad_images else {}
+    extra: dict[str, Any] = {"skipped_images": skipped_images} if cfg.data.skip_bad_images else {}
+    if ema is not None:
+        extra.update(ema_decay=cfg.train.ema_decay, ema_warmup=cfg.train.ema_warmup)
+    if init_info is not None:
+        extra["init_from"] = init_info
     seconds = time.time() - started
     return on_rank0(ctx, lambda: _finalize(cfg, fold, paths, val_df, kept, history, folds_path, seconds, extra))
 
@@ -886,6 +923,7 @@ def _train_one_epoch(
     ctx: DistContext | None = None,
     sharded_params: list[nn.Parameter] | None = None,
     normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ema: WeightEma | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; skips (and counts) non-finite steps, stops after ``guard.limit`` in a row.
 
@@ -897,7 +935,8 @@ def _train_one_epoch(
     Several processes: ``ddp`` wraps a :class:`DistributedTrainStep` of ``model`` (and ``head``, unless it is
     sharded: then ``sharded_params`` are its parameters, different on every rank). The losses and images
     counted are those of the global batch. ``normalise``: applied to each image batch once it is on ``device``
-    (the uint8 batches of :func:`build_train_collate` under CUDA).
+    (the uint8 batches of :func:`build_train_collate` under CUDA). ``ema``: updated after every applied optimizer
+    step (not after a skipped one).
     """
     ctx = ctx or DistContext()
     model.train()
@@ -984,6 +1023,8 @@ def _train_one_epoch(
             window_bad = False
             if step_ok:
                 guard.ok()
+                if ema is not None:
+                    ema.update()
             elif step_ok is not None:
                 n_steps_skipped += 1
                 guard.skipped(f"epoch {epoch}, batch {i}", why)
@@ -1012,6 +1053,7 @@ def _train_one_epoch(
         "train_seconds": round(seconds, 2),
         "skipped_batches": n_skipped,
         "skipped_steps": n_steps_skipped,
+        **({"ema_decay": ema.last_decay} if ema is not None else {}),  # the decay of the epoch's last update
     }
 
 
