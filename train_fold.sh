@@ -3,13 +3,18 @@
 #
 #   bash train_fold.sh FOLDS [CONFIG.yaml] [key=value ...]
 #
-#   FOLDS   0 | 0..4 | 0,2,3
+#   FOLDS   0 | 0..4 | 0,2,3 | full | 0..4,full
 #   CONFIG  default configs/glyphs_arcface.yaml (the embedded data set, generated on first use)
 #
 # Examples:
 #   bash train_fold.sh 0
 #   bash train_fold.sh 0..4 configs/omniglot_arcface.yaml train.epochs=20
 #   bash train_fold.sh 1 configs/omniglot_arcface.yaml train.resume=true
+#   bash train_fold.sh full configs/omniglot_arcface.yaml
+#
+# `full` is the full-data fit: one model on every fold's rows (never the test split), no validation, the last
+# epoch kept, written to models/<exp>/full.pt (+ full.json); train.full_epochs sets its epochs (0: the folds'
+# count, see the README). It runs after the folds of the spec; it has no OOF, so it is not scored.
 #
 # Each fold runs in its own process: a crash in one fold loses nothing of the others, and
 # `train.resume=true` continues an interrupted fold from its last finished epoch (finished folds
@@ -23,7 +28,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
   exit $(( $# < 1 ? 2 : 0 ))
 fi
 spec=$1; shift
@@ -32,16 +37,21 @@ if [[ $# -gt 0 && $1 == *.y*ml ]]; then config=$1; shift; fi
 PY=${PYTHON:-python}
 
 folds=()
+full=false  # the full-data fit, trained after the folds (with train.keep=best its epochs come from them)
 IFS=',' read -ra parts <<< "$spec"
 for part in "${parts[@]}"; do
   if [[ $part =~ ^([0-9]+)\.\.([0-9]+)$ ]]; then
     for ((k = BASH_REMATCH[1]; k <= BASH_REMATCH[2]; k++)); do folds+=("$k"); done
   elif [[ $part =~ ^[0-9]+$ ]]; then
     folds+=("$part")
+  elif [[ $part == full ]]; then
+    full=true
   else
-    echo "train_fold.sh: bad fold spec '$spec' (use K, A..B or A,B,C)" >&2; exit 2
+    echo "train_fold.sh: bad fold spec '$spec' (use K, A..B, A,B,C or full, e.g. 0..4,full)" >&2; exit 2
   fi
 done
+n_folds=${#folds[@]}  # the folds scored at the end (the full fit has no OOF)
+if $full; then folds+=(full); fi
 
 # torchrun when NPROC_PER_NODE or NNODES asks for it; one plain process otherwise
 launch=("$PY")
@@ -61,4 +71,8 @@ fi
 for fold in "${folds[@]}"; do
   "${launch[@]}" -m arcfold train --config "$config" --fold "$fold" "$@"
 done
-"$PY" -m arcfold score --config "$config" "$@"
+if ((n_folds > 0)); then
+  "$PY" -m arcfold score --config "$config" "$@"
+else
+  echo "train_fold.sh: only the full fit was trained: it has no OOF, nothing to score" >&2
+fi

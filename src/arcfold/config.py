@@ -194,6 +194,10 @@ class TrainConfig:
     # ModelEmaV3's use_warmup: the decay after n updates is min(ema_decay, 1 - n^(-2/3)) (0 at the first update,
     # 0.9 at 32, 0.99 at 1000), so a short run is not dominated by its random init; false: ema_decay from the start
     ema_warmup: bool = True
+    # the full-data fit (`--fold full`: every fold's rows, never the test split, no validation, last epoch kept) trains
+    # this many epochs; 0: the folds' count (train.epochs with keep=last; keep=best: the median kept epoch + 1 of the
+    # finished folds). Its schedule spans its own epochs, each n_all / n_train_fold times a fold's images
+    full_epochs: int = 0
     resume: bool = False  # continue an interrupted fold from its last checkpoint
     force: bool = False  # overwrite a finished fold's OOF and weights
     progress: bool = True  # tqdm bars
@@ -374,6 +378,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "train.grad_clip": cfg.train.grad_clip,
         "train.limit_train_batches": cfg.train.limit_train_batches,
+        "train.full_epochs": cfg.train.full_epochs,
         "data.num_workers": cfg.data.num_workers,
         "folds.min_class_size": cfg.folds.min_class_size,
         "scheduler.warmup_epochs": cfg.scheduler.warmup_epochs,

@@ -11,7 +11,8 @@ the preprocessing of OOF validation (``ImageDataset`` + ``build_eval_transform``
 ``data.cache_images``, :func:`arcfold.embed.extract_embeddings` with the model's AMP and batch size), and scored by
 leave-one-out Recall@K / MAP@R (:func:`arcfold.metrics.retrieval_metrics`, ``DEFAULT_KS``) three ways:
 
-* ``separate``: each fold model alone; per fold, and mean ± std (``ddof=0``) over the folds;
+* ``separate``: each fold model alone; per fold, and mean ± std (``ddof=0``) over the folds (over the members
+  given, ``full`` included, with ``--folds``);
 * ``concatenated``: the fold ensemble inference submits, ``blend_embeddings(per_fold, [1] * K)``: each fold's
   L2-normalised embedding times ``1/sqrt(K)``, concatenated, so a cosine is the mean of the folds' cosines;
 * ``mean_of_folds``: ``l2(mean of the folds' embeddings)``, the old inference fold ensemble, kept only for
@@ -22,6 +23,11 @@ fold file and its sha256, the test groups, the date) and ``oof/<exp>/test.npz`` 
 ``groups``, and one ``fold<K>`` embedding array ``(N, D)`` per fold model, rows in fold-file order), atomically;
 existing ones are kept unless ``--force``.
 
+The full-data fit (``models/<exp>/full.pt``, ``bash train_fold.sh full``) is a member when asked for:
+``--folds full`` scores it alone, ``--folds 0..4,full`` with the folds (its own row ``full`` in ``separate``, its
+own ``full`` array in ``test.npz``, and a part of ``concatenated``). Without ``--folds`` the members are the
+finished folds, the fold ensemble inference submits by default.
+
 For a blend spec (``--blend oof/blends/B.json``), each member experiment's folds (the spec's) are concatenated as
 above, then the members are combined with the spec's weights (:func:`arcfold.blend.blend_embeddings`); written to
 ``oof/blends/B.test.json`` beside the spec: ``concatenated`` (the blend), ``mean_of_folds`` (members averaged over
@@ -30,6 +36,7 @@ folds, then blended: the old inference) and ``members`` (each member's three sco
 CLI::
 
     python -m arcfold test -c CONFIG [key=value ...]            # or: --experiment NAME, or --blend oof/blends/B.json
+    python -m arcfold test -c CONFIG --folds 0..4,full --force  # the folds and the full-data fit
 """
 
 from __future__ import annotations
@@ -63,9 +70,9 @@ from arcfold.embed import extract_embeddings
 from arcfold.folds import load_test_rows
 from arcfold.io import ArtifactExistsError, save_json, save_npz
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
-from arcfold.models.embedding import load_embedding_model
+from arcfold.models.embedding import FULL_FIT, fold_name, load_embedding_model
 from arcfold.score import finished_folds
-from arcfold.train import amp_dtype_for, resolve_device
+from arcfold.train import amp_dtype_for, parse_folds, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +96,15 @@ def _metrics(embeddings: np.ndarray, labels: np.ndarray, device: torch.device | 
 
 
 def score_test_embeddings(
-    per_fold: Mapping[int, np.ndarray], labels: np.ndarray, device: torch.device | str | None = None
+    per_fold: Mapping[int | str, np.ndarray], labels: np.ndarray, device: torch.device | str | None = None
 ) -> dict[str, Any]:
-    """Leave-one-out scores of the test rows, embedded by each fold model (``per_fold[K]``: (N, D_K)).
+    """Leave-one-out scores of the test rows, embedded by each fold model (``per_fold[K]``: (N, D_K); K may be
+    ``"full"``, the full-data fit, a member like the folds).
 
     Returns ``{"separate": {"per_fold": {"K": metrics}, "mean": .., "std": ..}, "concatenated": metrics,
     "mean_of_folds": metrics}`` (metrics: Recall@K for ``DEFAULT_KS`` and MAP@R).
     """
-    folds = sorted(per_fold)
+    folds = list(per_fold)
     separate = {str(k): _metrics(per_fold[k], labels, device) for k in folds}
     table = pd.DataFrame.from_dict(separate, orient="index")[METRICS]
     concatenated = blend_embeddings([per_fold[k] for k in folds], [1.0] * len(folds))  # (N, sum D_K)
@@ -131,20 +139,21 @@ def _eval_dataset(test_df: pd.DataFrame, data_cfg: DataConfig, size: int, progre
 
 def embed_test_rows(
     models_dir: str | Path,
-    folds: Sequence[int],
+    folds: Sequence[int | str],
     test_df: pd.DataFrame,
     device: torch.device,
     data_cfg: DataConfig | None = None,
     progress: bool = True,
-) -> dict[int, np.ndarray]:
-    """``{K: (N, D) L2-normalised embeddings of the rows by models_dir/fold<K>.pt}``.
+) -> dict[int | str, np.ndarray]:
+    """``{K: (N, D) L2-normalised embeddings of the rows by models_dir/fold<K>.pt}`` (``models_dir/full.pt`` for
+    ``K = "full"``).
 
     Images are found under ``data_cfg`` (default: the first checkpoint's config), each model reads them at its
     own ``data.image_size`` with its ``train.amp`` (on ``device``), ``train.eval_batch_size`` and
     ``data.num_workers``.
     """
     models_dir = Path(models_dir)
-    paths = {k: models_dir / f"fold{k}.pt" for k in folds}
+    paths = {k: models_dir / f"{fold_name(k)}.pt" for k in folds}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"finished folds without their model: {', '.join(missing)} (retrain with train.force)")
@@ -168,23 +177,36 @@ def embed_test_rows(
             num_workers=model_cfg.data.num_workers,
             channels_last=model_cfg.train.channels_last,
             progress=progress,
-            desc=f"{models_dir.name} fold {k} test",
+            desc=f"{models_dir.name} {fold_name(k)} test",
         )  # (N, D)
         del model
     return per_fold
 
 
-def _experiment_folds(oof_dir: Path, experiment: str, folds: Sequence[int] | None = None) -> list[int]:
+def _experiment_folds(
+    oof_dir: Path, experiment: str, folds: Sequence[int | str] | None = None, models_dir: Path | None = None
+) -> list[int | str]:
+    """The finished folds (``folds=None``), or ``folds`` checked finished: sorted, the full fit (finished when
+    ``models_dir/<experiment>/full.json`` is there) last."""
     exp_dir = oof_dir / experiment
     finished = finished_folds(exp_dir) if exp_dir.is_dir() else []
-    if not finished:
-        raise FileNotFoundError(f"experiment '{experiment}' has no finished fold in {exp_dir} (train it first)")
     if folds is None:
-        return finished
-    missing = sorted(set(folds) - set(finished))
+        if not finished:
+            raise FileNotFoundError(f"experiment '{experiment}' has no finished fold in {exp_dir} (train it first)")
+        return list(finished)
+    numbers = sorted(int(k) for k in set(folds) if k != FULL_FIT)
+    missing = [k for k in numbers if k not in finished]
     if missing:
         raise FileNotFoundError(f"fold {', '.join(map(str, missing))} of experiment '{experiment}' is not finished")
-    return sorted(folds)
+    if FULL_FIT not in folds:
+        return list(numbers)
+    full_json = Path(models_dir or "models") / experiment / "full.json"
+    if not full_json.is_file():
+        raise FileNotFoundError(
+            f"the full fit of experiment '{experiment}' is not finished ({full_json} is missing): train it with "
+            "`bash train_fold.sh full CONFIG`"
+        )
+    return [*numbers, FULL_FIT]
 
 
 def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:
@@ -197,12 +219,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _header(test_df: pd.DataFrame, info: dict[str, Any], folds: Sequence[int]) -> dict[str, Any]:
+def _header(test_df: pd.DataFrame, info: dict[str, Any], folds: Sequence[int | str]) -> dict[str, Any]:
     labels = test_df[LABEL].to_numpy()
     class_size = pd.Series(labels).map(pd.Series(labels).value_counts())
     return {
         "format": TEST_FORMAT,
-        "folds": [int(k) for k in folds],
+        "folds": [k if k == FULL_FIT else int(k) for k in folds],
         "n_images": len(test_df),
         "n_classes": int(test_df[LABEL].nunique()),
         "n_queries": int((class_size >= 2).sum()),
@@ -221,15 +243,18 @@ def evaluate_experiment(
     data_cfg: DataConfig | None = None,
     force: bool = False,
     progress: bool = True,
+    folds: Sequence[int | str] | None = None,
 ) -> dict[str, Any]:
-    """Embed and score the test split with every finished fold of ``experiment``; write test.json / test.npz."""
-    oof_dir = Path(oof_dir)
+    """Embed and score the test split with every finished fold of ``experiment`` (or ``folds``, ``"full"`` the
+    full-data fit); write test.json / test.npz."""
+    oof_dir, models_dir = Path(oof_dir), Path(models_dir)
     out_json, out_npz = oof_dir / experiment / "test.json", oof_dir / experiment / "test.npz"
     _refuse_overwrite([out_json, out_npz], force)
-    folds = _experiment_folds(oof_dir, experiment)
-    test_df, info = load_test_rows(oof_dir / experiment, folds)
+    folds = _experiment_folds(oof_dir, experiment, folds, models_dir)
+    full_json = {FULL_FIT: models_dir / experiment / "full.json"}  # the full fit's record: the fold file it used
+    test_df, info = load_test_rows(oof_dir / experiment, folds, full_json)
     device = resolve_device(str(device), key="--device") if not isinstance(device, torch.device) else device
-    per_fold = embed_test_rows(Path(models_dir) / experiment, folds, test_df, device, data_cfg, progress)
+    per_fold = embed_test_rows(models_dir / experiment, folds, test_df, device, data_cfg, progress)
     result = {
         **_header(test_df, info, folds),
         "experiment": experiment,
@@ -242,7 +267,7 @@ def evaluate_experiment(
         images=test_df[IMAGE].to_numpy(dtype=str),
         labels=test_df[LABEL].to_numpy(dtype=str),
         groups=test_df[GROUP].to_numpy(dtype=str),
-        **{f"fold{k}": per_fold[k].astype(np.float32) for k in folds},
+        **{fold_name(k): per_fold[k].astype(np.float32) for k in folds},  # fold<K>, full
     )
     save_json(out_json, result)  # last: the JSON marks the stage done
     return result
@@ -302,7 +327,7 @@ def render_test(result: dict[str, Any]) -> str:
 
     def add(prefix: str, scores: dict[str, Any]) -> None:
         for k, m in scores["separate"]["per_fold"].items():
-            rows[f"{prefix}fold {k}"] = m
+            rows[f"{prefix}{'full fit' if k == FULL_FIT else f'fold {k}'}"] = m
         rows[f"{prefix}separate mean"] = scores["separate"]["mean"]
         rows[f"{prefix}separate std"] = scores["separate"]["std"]
 
@@ -337,12 +362,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--oof-dir", default=None, help="default: paths.oof_dir of --config, else oof")
     parser.add_argument("--models-dir", default=None, help="default: paths.models_dir of --config, else models")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: train.device of --config)")
+    members = "members: K, A..B, A,B,C, full (the full-data fit) or 0..4,full; default: the finished folds"
+    parser.add_argument("--folds", default=None, help=members + " (not with --blend)")
     parser.add_argument("--force", action="store_true", help="embed and score again, overwriting the outputs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
     args = parser.parse_args(argv)
     setup_logging()
     if args.overrides and not args.config:
         parser.error("key=value overrides need --config")
+    if args.folds and args.blend:
+        parser.error("--folds is for one experiment; a blend scores the folds of its spec")
+    try:
+        folds = parse_folds(args.folds) if args.folds else None
+    except ValueError as e:
+        parser.error(str(e))
     cfg = load_config(args.config, args.overrides) if args.config else None
     oof_dir = args.oof_dir or (cfg.paths.oof_dir if cfg else "oof")
     models_dir = args.models_dir or (cfg.paths.models_dir if cfg else "models")
@@ -353,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.blend).with_suffix(".test.json")
     else:
         name = args.experiment or cfg.name  # type: ignore[union-attr]
-        result = evaluate_experiment(name, oof_dir, models_dir, device, data_cfg, args.force)
+        result = evaluate_experiment(name, oof_dir, models_dir, device, data_cfg, args.force, folds=folds)
         out = Path(oof_dir) / name / "test.json"
     print(f"\n{render_test(result)}\n")
     log.info("wrote %s", out)

@@ -46,7 +46,7 @@ import argparse
 import hashlib
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -442,16 +442,21 @@ def verify_fold_file(path: str | Path) -> pd.DataFrame:
     return folds_df
 
 
-def load_test_rows(exp_dir: str | Path, folds: Sequence[int]) -> tuple[pd.DataFrame, dict[str, Any]]:
+def load_test_rows(
+    exp_dir: str | Path, folds: Sequence[int | str], json_paths: Mapping[int | str, Path] | None = None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The test split (fold -1) of the fold file the given folds of ``oof/<exp>/`` were trained from.
 
-    Refused (:class:`DataValidationError`, one line): folds trained from different fold files, a fold file that
-    is gone, edited (:func:`arcfold.folds.verify_fold_file`) or remade since (another sha256), or one without a
-    test split. Returns the rows (fold-file order) and ``{"folds_path", "folds_sha256", "test"}``.
+    Each fold's record is ``json_paths[k]`` when given (the full fit's: ``models/<exp>/full.json``), else
+    ``oof/<exp>/fold<K>.json``. Refused (:class:`DataValidationError`, one line): folds trained from different fold
+    files, a fold file that is gone, edited (:func:`arcfold.folds.verify_fold_file`) or remade since (another
+    sha256), or one without a test split. Returns the rows (fold-file order) and ``{"folds_path", "folds_sha256",
+    "test"}``.
     """
     exp_dir = Path(exp_dir)
     hint = "Retrain the fold with train.force=true."
-    recorded = {k: load_json(exp_dir / f"fold{k}.json", hint=hint) for k in folds}
+    json_paths = json_paths or {}
+    recorded = {k: load_json(json_paths.get(k, exp_dir / f"fold{k}.json"), hint=hint) for k in folds}
     shas = {k: s.get("folds_sha256") for k, s in recorded.items()}
     if len(set(shas.values())) > 1:
         listing = ", ".join(f"fold {k}: {str(s)[:12]}" for k, s in shas.items())

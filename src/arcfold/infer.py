@@ -8,8 +8,10 @@ What it does, in order (timings of each stage are logged at the end):
 
 1. **Models.** ``experiment: NAME`` uses every ``<models_dir>/NAME/fold<K>.pt`` of the experiment's
    ``folds.n_splits`` folds (a missing fold is an error naming it, unless ``allow_missing_folds=true`` or
-   ``folds=[...]`` picks some); ``blend: PATH`` uses a blend spec (``python -m arcfold blend``) and all of its
-   member experiments. Checkpoints are loaded with ``torch.load(weights_only=True)``: no code runs from them.
+   ``folds=[...]`` picks some; ``full`` in the list is the full-data fit ``full.pt``: ``folds=[full]`` alone,
+   ``folds=[0,1,2,full]`` beside the folds, one more member of the concatenation); ``blend: PATH`` uses a blend
+   spec (``python -m arcfold blend``) and all of its member experiments. Checkpoints are loaded with
+   ``torch.load(weights_only=True)``: no code runs from them.
 2. **Embedding.** Every image is decoded once per pass and resized by :func:`arcfold.data.dataset.resize_image`
    (as in training) to each size the models need: ``image_size × scale`` for each ``tta.scales``; ``tta.hflip`` adds
    the mirrored view. A model's embedding of an image is the mean of its views' L2-normalised embeddings,
@@ -149,7 +151,8 @@ class InferenceConfig:
     experiment: str | None = None  # one experiment: all its folds
     blend: str | None = None  # or a blend spec (oof/blends/NAME.json)
     models_dir: str = "models"  # <models_dir>/<experiment>/fold<K>.pt; may be read-only
-    folds: list[int] | None = None  # default: all n_splits folds of each experiment
+    # default: all n_splits folds of each experiment; "full" is the full-data fit (full.pt): [full] or [0,1,2,full]
+    folds: list[int | str] | None = None
     allow_missing_folds: bool = False  # use the folds that exist when some are missing
     # The K folds of an experiment are concatenated (K x D dims, similarity = mean of the folds' cosines).
     # fold_pca=true reduces that back to fold_pca_dim dims (null: one fold's D) by an uncentred PCA fitted on the
@@ -185,6 +188,7 @@ def load_inference_config(path: str | Path | None = None, overrides: Sequence[st
 
 
 def _validate(cfg: InferenceConfig) -> None:
+    from arcfold.models.embedding import FULL_FIT
     from arcfold.search import INDEX_KINDS
     from arcfold.submission import FORMATS
 
@@ -210,6 +214,9 @@ def _validate(cfg: InferenceConfig) -> None:
         problems.append(f"tta.scales must be positive numbers (got {cfg.tta.scales})")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         problems.append(f"num_workers must be >= 0 or null for auto (got {cfg.num_workers})")
+    bad_folds = [k for k in cfg.folds or [] if k != FULL_FIT and not (isinstance(k, int) and k >= 0)]
+    if bad_folds or cfg.folds == []:
+        problems.append(f"folds are fold numbers K >= 0 or full (the full-data fit), e.g. [0,1,full] (got {cfg.folds})")
     if cfg.fold_pca_dim is not None and cfg.fold_pca_dim < 1:
         problems.append(f"fold_pca_dim must be >= 1 or null (got {cfg.fold_pca_dim})")
     for name in ("batch_size", "vote.k", "submission.top_k"):
@@ -270,7 +277,7 @@ def read_image_table(table: TableConfig, role: str) -> ImageTable:
 @dataclass
 class FoldModel:
     experiment: str
-    fold: int
+    fold: int | str  # K, or "full" (the full-data fit)
     model: torch.nn.Module
     image_size: int
 
@@ -286,24 +293,30 @@ class Ensemble:
     blend_path: Path | None = None
 
 
-def _experiment_checkpoints(models_dir: Path, experiment: str, folds: list[int] | None, allow_missing: bool):
-    from arcfold.models.embedding import load_embedding_model
+def _experiment_checkpoints(
+    models_dir: Path, experiment: str, folds: list[int | str] | None, allow_missing: bool
+) -> list[tuple[int | str, Path]]:
+    from arcfold.models.embedding import FULL_FIT, fold_name, load_embedding_model
 
     exp_dir = models_dir / experiment
-    found = {int(p.stem[4:]): p for p in exp_dir.glob("fold*.pt") if p.stem[4:].isdigit()}
+    numbers = sorted(int(p.stem[4:]) for p in exp_dir.glob("fold*.pt") if p.stem[4:].isdigit())
+    found: dict[int | str, Path] = {k: exp_dir / f"fold{k}.pt" for k in numbers}
+    if folds is not None and FULL_FIT in folds and (exp_dir / "full.pt").is_file():
+        found[FULL_FIT] = exp_dir / "full.pt"  # the full-data fit: only when asked for
     if not found:
         raise FileNotFoundError(f"no fold<K>.pt checkpoint in {exp_dir} (experiment '{experiment}')")
     # the checkpoints carry the experiment's config: it says how many folds there are
-    _, cfg, _ = load_embedding_model(found[min(found)], "cpu")
+    _, cfg, _ = load_embedding_model(next(iter(found.values())), "cpu")
     wanted = list(folds) if folds is not None else list(range(cfg.folds.n_splits))
     missing = [k for k in wanted if k not in found]
     if missing:
-        names = ", ".join(f"fold{k}.pt" for k in missing)
+        names = ", ".join(f"{fold_name(k)}.pt" for k in missing)
         if folds is not None or not allow_missing:
             raise FileNotFoundError(
                 f"{exp_dir} is missing {names} (experiment '{experiment}' has {cfg.folds.n_splits} folds, "
-                f"found {', '.join(f'fold{k}.pt' for k in sorted(found))}); train them, or pick folds with "
-                f"folds=[{','.join(map(str, sorted(found)))}], or set allow_missing_folds=true"
+                f"found {', '.join(f'{fold_name(k)}.pt' for k in found)}); train them"
+                f"{' (the full fit: bash train_fold.sh full CONFIG)' if FULL_FIT in missing else ''}, or pick folds "
+                f"with folds=[{','.join(map(str, found))}], or set allow_missing_folds=true"
             )
         log.warning("%s: %s missing, using the %d folds present (allow_missing_folds=true)", exp_dir, names, len(found))
         wanted = [k for k in wanted if k in found]

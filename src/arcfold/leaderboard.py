@@ -29,7 +29,9 @@ Rules
   ``oof/blends/<name>.test.json``), the columns ``test R@1`` / ``test MAP@R`` (the concatenated fold ensemble,
   what inference submits) and ``test sep. R@1`` (mean ± std of the fold models alone) sit beside the OOF ones
   (CSV: ``test_recall@1``, ``test_map@r``, ``test_separate_recall@1_mean`` / ``_std``); ``--sort test_recall@1``
-  sorts by them. A test run on other folds than the finished ones is noted: run the test stage again.
+  sorts by them. A test run on other folds than the finished ones is noted: run the test stage again. The
+  full-data fit (``models/<exp>/full.pt``) has no OOF and no row of its own; a test run with it as a member
+  (``arcfold test --folds 0..4,full``) is noted the same way.
 
 Writes ``oof/leaderboard.csv`` (one row per experiment, numbers in separate mean and std columns)
 and ``oof/leaderboard.md`` (one markdown table per section), atomically, and prints the table. The
@@ -130,7 +132,7 @@ def _test_columns(path: Path, folds: list[int] | None, notes: list[str]) -> dict
     if "separate" in result:
         columns["test_separate_recall@1_mean"] = result["separate"]["mean"].get("recall@1", math.nan)
         columns["test_separate_recall@1_std"] = result["separate"]["std"].get("recall@1", math.nan)
-    if folds is not None and sorted(result["folds"]) != sorted(folds):
+    if folds is not None and sorted(map(str, result["folds"])) != sorted(map(str, folds)):  # "full": the full fit
         notes.append(f"test scored folds {','.join(map(str, result['folds']))}: rerun `arcfold test --force`")
     return columns
 

@@ -20,6 +20,13 @@ on): Recall@1/2/4/5/8/10 and MAP@R. Which epoch the fold keeps is ``train.keep``
   improvement. The epoch is then chosen on the fold it is scored on: the OOF score is optimistic, and score and
   leaderboard flag it ("epoch chosen on the validation fold").
 
+Full-data fit (``--fold full``, :data:`~arcfold.models.embedding.FULL_FIT`): the same loop on every row of every fold
+(never the test split, fold -1), seeded with ``train.seed + n_splits``, with no validation set: no OOF, no per-epoch
+validation, the last epoch kept. Work folder ``models/<exp>/full/``; outputs ``models/<exp>/full.pt`` (the format of
+``fold<K>.pt``, ``"fold": "full"``), ``full.config.yaml`` and ``full.json`` (written last: marks it finished; epochs
+and the rule that chose them, images, classes, time, commit, fold file). Epochs: :func:`full_fit_epochs`, fixed
+when the run starts (``last.pt`` keeps them for a resume); the schedule spans them.
+
 ``fold<K>.json`` holds the kept epoch's scores at the top level (``recall@1``, ..., ``map@r``, ``n_queries``)
 with ``keep`` and ``kept_epoch``, the last epoch's as ``last_epoch`` and ``last`` (``{metric: value}``), and
 ``best_epoch``, the kept epoch's old name (kept for readers of older files, whose folds always kept the best).
@@ -61,6 +68,7 @@ resume. The non-finite checks are all-reduced, so every rank skips the same step
 CLI::
 
     python -m arcfold train --config configs/glyphs_arcface.yaml --fold 0 [key=value ...]
+    python -m arcfold train --config configs/glyphs_arcface.yaml --fold 0..4,full    # the folds, then the full fit
     torchrun --standalone --nproc_per_node 2 -m arcfold train --config ... --fold 0 [key=value ...]
 """
 
@@ -130,14 +138,22 @@ from arcfold.io import (
     save_torch,
 )
 from arcfold.metrics import DEFAULT_KS, retrieval_metrics
-from arcfold.models.embedding import build_model, embedding_checkpoint
+from arcfold.models.embedding import FULL_FIT, build_model, embedding_checkpoint, fold_name
 from arcfold.models.heads import build_head, margin_warmup_factor
 from arcfold.models.losses import LOSSES
 from arcfold.prepare import ensure_dataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistributedTrainStep", "FoldPaths", "NonFiniteGuard", "NonFiniteLossError", "train_fold"]
+__all__ = [
+    "DistributedTrainStep",
+    "FoldPaths",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "full_fit_epochs",
+    "parse_folds",
+    "train_fold",
+]
 
 TRAIN_STATE_FORMAT = "arcfold.train_state/1"
 # config keys that may differ between a run and its resumption: they do not change what is computed (each is
@@ -188,19 +204,24 @@ class NonFiniteGuard:
 
 
 class FoldPaths:
-    """Where one fold's artifacts live (see the module docstring)."""
+    """Where one fold's artifacts live (see the module docstring); ``fold="full"``: the full-data fit's."""
 
-    def __init__(self, cfg: ExperimentConfig, fold: int) -> None:
+    def __init__(self, cfg: ExperimentConfig, fold: int | str) -> None:
         self.cfg, self.fold = cfg, fold
-        self.work = cfg.models_dir / f"fold{fold}"
-        self.weights = cfg.models_dir / f"fold{fold}.pt"
-        self.oof = cfg.oof_dir / f"fold{fold}.npz"
-        self.scores = cfg.oof_dir / f"fold{fold}.json"
-        self.config = cfg.oof_dir / f"fold{fold}.config.yaml"
+        self.full = fold == FULL_FIT
+        self.name = fold_name(fold)  # fold<K> | full
+        self.what = "the full fit" if self.full else f"fold {fold}"
+        self.work = cfg.models_dir / self.name
+        self.weights = cfg.models_dir / f"{self.name}.pt"
+        self.oof = cfg.oof_dir / f"{self.name}.npz"  # folds only: the full fit has no OOF
+        # the full fit's JSON and config sit beside its weights (oof/<exp>/ holds only what has OOF embeddings)
+        self.scores = (cfg.models_dir if self.full else cfg.oof_dir) / f"{self.name}.json"
+        self.config = (cfg.models_dir if self.full else cfg.oof_dir) / f"{self.name}.config.yaml"
+        self.done = self.scores if self.full else self.oof  # written last: marks the run finished
         self.last = self.work / "last.pt"
         self.history = self.work / "history.csv"
         self.log_file = self.work / "train.log"
-        self.lock = cfg.models_dir / f".fold{fold}.lock"
+        self.lock = cfg.models_dir / f".{self.name}.lock"
 
     # The kept epoch's files carry its number: a run killed after writing them but before its resume
     # point (last.pt) leaves files that last.pt does not name, and they are never mistaken for the kept ones.
@@ -430,13 +451,13 @@ def _to_cpu(obj: Any) -> Any:
 
 def check_fold_state(paths: FoldPaths, resume: bool, force: bool) -> str:
     """'done' (finished, nothing to do), 'resume', or 'fresh'. Refuses to lose work silently."""
-    if paths.oof.exists():
+    if paths.done.exists():
         if force:
             return "fresh"
         if resume:
             return "done"
         raise ArtifactExistsError(
-            f"fold {paths.fold} of experiment '{paths.cfg.name}' is finished ({paths.oof}); "
+            f"{paths.what} of experiment '{paths.cfg.name}' is finished ({paths.done}); "
             "pass train.force=true to train it again and overwrite it"
         )
     if paths.last.exists():
@@ -444,16 +465,19 @@ def check_fold_state(paths: FoldPaths, resume: bool, force: bool) -> str:
             return "resume"
         if not force:
             raise ArtifactExistsError(
-                f"an unfinished run of fold {paths.fold} exists ({paths.last}); "
+                f"an unfinished run of {paths.what} exists ({paths.last}); "
                 "pass train.resume=true to continue it or train.force=true to start over"
             )
     return "fresh"
 
 
 def train_fold(
-    cfg: ExperimentConfig, fold: int, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+    cfg: ExperimentConfig, fold: int | str, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
     """Train, validate and save one fold; return its scores (the content of ``fold<K>.json``).
+
+    ``fold="full"`` (:data:`FULL_FIT`): the full-data fit (see :func:`full_fit_epochs`), no validation; returns
+    the content of ``models/<exp>/full.json``.
 
     ``on_epoch_end(row)`` is called after each validated epoch with its ``history.csv`` row (epoch,
     losses, Recall@K, MAP@R), once the epoch's files are written and before its resume point is: an
@@ -472,18 +496,18 @@ def train_fold(
 
         def claim() -> tuple[str, dict[str, Any] | None]:  # rank 0 only: the lock, the state, the cleanup
             # one process per fold: a second train of the same fold (two terminals, a re-queued job) is refused
-            stack.enter_context(file_lock(paths.lock, blocking=False, what=f"fold {fold} of experiment '{cfg.name}'"))
+            stack.enter_context(file_lock(paths.lock, blocking=False, what=f"{paths.what} of experiment '{cfg.name}'"))
             state = check_fold_state(paths, cfg.train.resume, cfg.train.force)
             if state == "done":
-                log.info(
-                    "fold %d of '%s' is already finished: %s (train.force=true retrains it)", fold, cfg.name, paths.oof
-                )
+                what, done = paths.what, paths.done
+                log.info("%s of '%s' is already finished: %s (train.force=true retrains it)", what, cfg.name, done)
                 _remove_work_files(paths)  # left by a kill between writing the OOF file and cleaning up
                 return state, load_json(paths.scores, hint="Retrain the fold with train.force=true.")
             if state == "fresh" and paths.work.exists():
                 shutil.rmtree(paths.work)
             # temporary files of writes a kill interrupted (nothing else writes this fold's files: we hold its lock)
-            for folder, prefix in ((paths.work, ""), (cfg.oof_dir, f"fold{fold}."), (cfg.models_dir, f"fold{fold}.")):
+            stem = f"{paths.name}."
+            for folder, prefix in ((paths.work, ""), (cfg.oof_dir, stem), (cfg.models_dir, stem)):
                 remove_stale_temp_files(folder, prefix)
             return state, None
 
@@ -499,7 +523,7 @@ def train_fold(
                 if paths.last.exists()
                 else "no epoch had finished, so there is no checkpoint to keep"
             )
-            log.error("fold %d stopped: %s; %s", fold, e, kept)
+            log.error("%s stopped: %s; %s", paths.what, e, kept)
             raise NonFiniteLossError(f"{e}; {kept}") from None
         finally:
             if handler is not None:
@@ -508,7 +532,7 @@ def train_fold(
 
 def _train_fold(
     cfg: ExperimentConfig,
-    fold: int,
+    fold: int | str,
     paths: FoldPaths,
     resume: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
@@ -526,12 +550,17 @@ def _train_fold(
                 f"{paths.last} is not an arcfold training state; start the fold over with train.force=true"
             )
         check_resume_config(ckpt["config"], cfg, paths.last)
+    n_epochs, full_epochs = cfg.train.epochs, None
+    if paths.full:  # the epoch count is fixed when the full fit starts: a resume continues with it
+        full_epochs = ckpt["full_epochs"] if ckpt is not None else full_fit_epochs(cfg)
+        n_epochs = full_epochs["epochs"]
+        log.info("full fit of '%s': %d epochs (%s)", cfg.name, n_epochs, full_epochs["epochs_rule"])
     # rank 0 makes the data set and the fold file (once, under their locks); the others wait, then read them
     folds_path = on_rank0(ctx, lambda: (ensure_dataset(cfg), ensure_folds(cfg))[1])
     folds_df = verify_fold_file(folds_path)  # the CSV the folds stage wrote (hash, folds, groups), else an error
     folds_df = folds_df[folds_df[FOLD] != TEST_FOLD].reset_index(drop=True)  # the test split: never trained on
     n_splits = int(folds_df[FOLD].max()) + 1
-    if not 0 <= fold < n_splits:
+    if not paths.full and not 0 <= fold < n_splits:
         raise ValueError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")
     folds_sha256 = file_sha256(folds_path)
     init = None  # model.init_from on a fresh fold (a resumed one continues from last.pt): checked before the data
@@ -549,18 +578,18 @@ def _train_fold(
     )
     is_bad = np.zeros(len(folds_df), dtype=bool)
     is_bad[bad] = True
-    in_val = (folds_df[FOLD] == fold).to_numpy()
+    in_val = (folds_df[FOLD] == fold).to_numpy()  # the full fit: no row (it trains on every fold)
     skipped_images = {"train": int((is_bad & ~in_val).sum()), "validation": int((is_bad & in_val).sum())}
     if is_bad.any():
         log.warning(
-            "fold %d: leaving out %d training and %d validation images that cannot be decoded (data.skip_bad_images)",
-            fold,
+            "%s: leaving out %d training and %d validation images that cannot be decoded (data.skip_bad_images)",
+            paths.what,
             skipped_images["train"],
             skipped_images["validation"],
         )
     train_df = folds_df[~in_val & ~is_bad].reset_index(drop=True)
     val_df = folds_df[in_val & ~is_bad].reset_index(drop=True)
-    if not (val_df[LABEL].map(val_df[LABEL].value_counts()) >= 2).any():
+    if not paths.full and not (val_df[LABEL].map(val_df[LABEL].value_counts()) >= 2).any():
         raise DataValidationError(
             f"{folds_path}: fold {fold} has no query: its {len(val_df)} images are all in one-image classes, so "
             "validation has nothing to retrieve. Remake the folds with folds.min_class_size >= 2 (--force)"
@@ -568,9 +597,9 @@ def _train_fold(
     classes = np.sort(train_df[LABEL].unique())
     train_labels = np.searchsorted(classes, train_df[LABEL].to_numpy())  # contiguous ids 0..C-1
     log.info(
-        "experiment '%s' fold %d: train %d images / %d classes, validation %d images / %d classes",
+        "experiment '%s' %s: train %d images / %d classes, validation %d images / %d classes",
         cfg.name,
-        fold,
+        paths.what,
         len(train_df),
         len(classes),
         len(val_df),
@@ -579,7 +608,7 @@ def _train_fold(
 
     device = device or resolve_device(cfg.train.device)
     amp_dtype = amp_dtype_for(cfg.train.amp, device)
-    base_seed = cfg.train.seed + fold
+    base_seed = cfg.train.seed + (n_splits if paths.full else fold)  # the full fit: a seed no fold uses
     seed_everything(base_seed)
 
     size = cfg.data.image_size
@@ -603,7 +632,7 @@ def _train_fold(
         progress=progress,
     )
     if len(train_ds) < cfg.train.batch_size:
-        raise ValueError(f"fold {fold}: {len(train_ds)} training images, fewer than train.batch_size")
+        raise ValueError(f"{paths.what}: {len(train_ds)} training images, fewer than train.batch_size")
     _check_distributed_config(cfg, ctx, device)
 
     model = build_model(cfg.model).to(device)
@@ -638,7 +667,7 @@ def _train_fold(
     if cfg.train.limit_train_batches:
         n_batches = min(n_batches, cfg.train.limit_train_batches)
     updates_per_epoch = math.ceil(n_batches / cfg.train.accum_steps)
-    total_updates = updates_per_epoch * cfg.train.epochs
+    total_updates = updates_per_epoch * n_epochs
     warmup = round(cfg.scheduler.warmup_epochs * updates_per_epoch)
     s = cfg.scheduler
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -674,12 +703,13 @@ def _train_fold(
         guard.in_a_row = int(ckpt.get("nonfinite_in_a_row", 0))
         if kept["epoch"] >= 0 and ctx.is_main:
             paths.remove_best_except(kept["epoch"])  # files of an epoch the kill cut short (it is retrained)
-        log.info("resuming fold %d from epoch %d (best so far: epoch %d)", fold, start_epoch, best["epoch"])
+        log.info("resuming %s from epoch %d (best so far: epoch %d)", paths.what, start_epoch, best["epoch"])
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     collate, device_normalise = build_train_collate(device)
     ddp = build_ddp(cfg, model, head, ctx, device) if ctx.enabled else None
-    for epoch in range(start_epoch, cfg.train.epochs):
+    keep_best = cfg.train.keep == "best" and not paths.full  # the full fit has no validation: it keeps its last
+    for epoch in range(start_epoch, n_epochs):
         epoch_seed = base_seed * 1000 + epoch  # each epoch reproducible on its own, so resume replays it exactly
         seed_everything(epoch_seed)
         # augmentation seeded per sample from (epoch_seed, index): the same pixels whatever data.num_workers; the
@@ -709,23 +739,25 @@ def _train_fold(
         eval_model, eval_head = (ema.model, ema.head) if ema is not None else (model, head)  # validated and saved
 
         t0 = time.time()
-        lo, hi = shard_range(len(val_ds), ctx.rank, ctx.world_size)  # each rank embeds its rows, then all gather
-        embeddings = extract_embeddings(
-            eval_model,
-            val_ds if not ctx.enabled else Subset(val_ds, range(lo, hi)),
-            batch_size=cfg.train.eval_batch_size,
-            device=device,
-            amp_dtype=amp_dtype,
-            num_workers=cfg.data.num_workers,
-            channels_last=cfg.train.channels_last,
-            progress=progress,
-            desc=f"fold {fold} epoch {epoch} validation",
-        )
-        embeddings = gather_rows(embeddings, ctx, device)  # (N_val, D) in fold-file order, on every rank
-        fault_point("validation")
-        metrics = retrieval_metrics(embeddings, val_df[LABEL].to_numpy(), ks=DEFAULT_KS, device=device)
+        metrics: dict[str, Any] = {}  # the full fit has no validation set: nothing to embed or score
+        if not paths.full:
+            lo, hi = shard_range(len(val_ds), ctx.rank, ctx.world_size)  # each rank embeds its rows, then all gather
+            embeddings = extract_embeddings(
+                eval_model,
+                val_ds if not ctx.enabled else Subset(val_ds, range(lo, hi)),
+                batch_size=cfg.train.eval_batch_size,
+                device=device,
+                amp_dtype=amp_dtype,
+                num_workers=cfg.data.num_workers,
+                channels_last=cfg.train.channels_last,
+                progress=progress,
+                desc=f"fold {fold} epoch {epoch} validation",
+            )
+            embeddings = gather_rows(embeddings, ctx, device)  # (N_val, D) in fold-file order, on every rank
+            fault_point("validation")
+            metrics = retrieval_metrics(embeddings, val_df[LABEL].to_numpy(), ks=DEFAULT_KS, device=device)
         val_seconds = time.time() - t0
-        improved = metrics["recall@1"] > best["metrics"]["recall@1"]
+        improved = bool(metrics) and metrics["recall@1"] > best["metrics"]["recall@1"]
         row = {
             "epoch": epoch,
             **train_stats,
@@ -734,25 +766,35 @@ def _train_fold(
             "best": improved,
         }
         history.append(row)
-        log.info(
-            "fold %d epoch %d: loss %.4f, %.1f img/s | R@1 %.4f R@5 %.4f R@10 %.4f MAP@R %.4f%s",
-            fold,
-            epoch,
-            train_stats["train_loss"],
-            train_stats["train_images_per_s"],
-            metrics["recall@1"],
-            metrics["recall@5"],
-            metrics["recall@10"],
-            metrics["map@r"],
-            "  (best)" if improved else "",
-        )
+        if paths.full:
+            log.info(
+                "full fit epoch %d (of 0..%d): loss %.4f, %.1f img/s",
+                epoch,
+                n_epochs - 1,
+                train_stats["train_loss"],
+                train_stats["train_images_per_s"],
+            )
+        else:
+            log.info(
+                "fold %d epoch %d: loss %.4f, %.1f img/s | R@1 %.4f R@5 %.4f R@10 %.4f MAP@R %.4f%s",
+                fold,
+                epoch,
+                train_stats["train_loss"],
+                train_stats["train_images_per_s"],
+                metrics["recall@1"],
+                metrics["recall@5"],
+                metrics["recall@10"],
+                metrics["map@r"],
+                "  (best)" if improved else "",
+            )
         if improved:
             best = {"epoch": epoch, "metrics": metrics}
-        if improved or cfg.train.keep == "last":
+        if improved or not keep_best:
             kept = {"epoch": epoch, "metrics": metrics}
         # the kept epoch's files: at each improvement with keep=best, only for the last epoch with keep=last
-        if (improved if cfg.train.keep == "best" else epoch == cfg.train.epochs - 1) and ctx.is_main:
-            save_npz(paths.best_oof(epoch), embeddings=embeddings)
+        if (improved if keep_best else epoch == n_epochs - 1) and ctx.is_main:
+            if not paths.full:
+                save_npz(paths.best_oof(epoch), embeddings=embeddings)
             # the head (not a sharded one: each rank holds its rows) and its classes, for model.init_from
             head_extra = {} if sharded else {"classes": class_names, "head": _to_cpu(eval_head.state_dict())}
             save_torch(
@@ -792,6 +834,7 @@ def _train_fold(
                     "nonfinite_in_a_row": guard.in_a_row,
                     **({"ema": ema.state_dict()} if ema is not None else {}),
                     **({"init_from": init_info} if init_info is not None else {}),
+                    **({"full_epochs": full_epochs} if paths.full else {}),
                 },
             )
             paths.remove_best_except(kept["epoch"])  # the previously kept epoch's files, now superseded
@@ -804,6 +847,16 @@ def _train_fold(
     if init_info is not None:
         extra["init_from"] = init_info
     seconds = time.time() - started
+    if paths.full:
+        fold_sizes = folds_df[FOLD].value_counts()  # the non-test rows of each fold
+        extra |= {
+            **full_epochs,  # type: ignore[dict-item]
+            "n_images": len(train_df),
+            "n_classes": len(classes),
+            "images_per_epoch": n_batches * cfg.train.batch_size,
+            "fold_train_images_mean": float(np.mean(len(folds_df) - fold_sizes.to_numpy())),
+        }
+        return on_rank0(ctx, lambda: _finalize_full(cfg, paths, kept, history, folds_path, seconds, extra))
     return on_rank0(ctx, lambda: _finalize(cfg, fold, paths, val_df, kept, history, folds_path, seconds, extra))
 
 
@@ -1155,30 +1208,115 @@ def _finalize(
     return scores
 
 
-def parse_folds(spec: str) -> list[int]:
-    """'0' -> [0]; '0..4' -> [0, 1, 2, 3, 4]; '0,2' -> [0, 2]."""
+def full_fit_epochs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The full fit's epoch count and the rule that gave it: ``{"epochs", "epochs_rule"[, "fold_kept_epochs"]}``.
+
+    ``train.full_epochs > 0``: that many. Else the count the folds chose: ``train.epochs`` with ``train.keep=last``;
+    with ``keep=best`` the median, rounded half up, of ``kept_epoch + 1`` over the experiment's finished fold JSONs
+    (``oof/<exp>/fold<K>.json``; ``best_epoch`` in files older than ``train.keep``), and a
+    :class:`FileNotFoundError` when no fold has finished.
+    """
+    from arcfold.score import finished_folds
+
+    if cfg.train.full_epochs > 0:
+        return {"epochs": cfg.train.full_epochs, "epochs_rule": "train.full_epochs"}
+    if cfg.train.keep == "last":
+        return {"epochs": cfg.train.epochs, "epochs_rule": "train.epochs (train.keep=last)"}
+    folds = finished_folds(cfg.oof_dir) if cfg.oof_dir.is_dir() else []
+    if not folds:
+        raise FileNotFoundError(
+            f"the full fit of '{cfg.name}' trains for the median kept epoch of its finished folds (train.keep=best, "
+            f"train.full_epochs=0), but {cfg.oof_dir} has no finished fold: train the folds first, or set "
+            "train.full_epochs"
+        )
+    kept = {}
+    for k in folds:
+        scores = load_json(cfg.oof_dir / f"fold{k}.json", hint=f"Retrain fold {k} with train.force=true.")
+        kept[str(k)] = int(scores["kept_epoch"] if "kept_epoch" in scores else scores["best_epoch"])
+    median = float(np.median([e + 1 for e in kept.values()]))
+    return {
+        "epochs": int(math.floor(median + 0.5)),
+        "epochs_rule": f"median of kept_epoch + 1 over folds {','.join(kept)} (train.keep=best), rounded half up",
+        "fold_kept_epochs": kept,
+    }
+
+
+def _finalize_full(cfg, paths: FoldPaths, kept, history, folds_path, seconds, extra: dict[str, Any]) -> dict[str, Any]:
+    """The full fit's outputs: ``full.pt`` (the last epoch's weights), ``full.config.yaml``, ``full.json`` last."""
+    info = {
+        "experiment": cfg.name,
+        "fold": FULL_FIT,
+        "keep": "last",
+        "kept_epoch": kept["epoch"],
+        "last_epoch": int(history[-1]["epoch"]),
+        **extra,  # epochs, epochs_rule, n_images, n_classes, ...
+        "train_loss": float(history[-1]["train_loss"]),
+        "train_images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
+        "seconds": round(seconds, 1),
+        "folds_path": str(folds_path),
+        "folds_sha256": file_sha256(folds_path),
+        "git_commit": git_commit(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "skipped_batches": int(sum(h.get("skipped_batches", 0) for h in history)),
+        "skipped_steps": int(sum(h.get("skipped_steps", 0) for h in history)),
+    }
+    with atomic_path(paths.weights) as tmp:
+        shutil.copyfile(paths.best(kept["epoch"]), tmp)
+    save_text(paths.config, config_to_yaml(cfg))
+    save_json(paths.scores, info)  # last: marks the full fit finished
+    _remove_work_files(paths)
+    log.info(
+        "full fit finished: %d epochs (%s), %d images / %d classes, %.2fx a fold's training images per epoch -> %s",
+        info["epochs"],
+        info["epochs_rule"],
+        info["n_images"],
+        info["n_classes"],
+        info["n_images"] / max(info["fold_train_images_mean"], 1.0),
+        paths.weights,
+    )
+    return info
+
+
+def parse_folds(spec: str) -> list[int | str]:
+    """'0' -> [0]; '0..4' -> [0, 1, 2, 3, 4]; '0,2' -> [0, 2]; 'full' (the full-data fit) alone or in a list, always
+    last (with train.keep=best its epoch count is read from the finished folds).
+
+    >>> parse_folds("full,0..2")
+    [0, 1, 2, 'full']
+    """
     folds: list[int] = []
-    for part in spec.split(","):
-        if ".." in part:
-            lo, hi = part.split("..")
-            folds += list(range(int(lo), int(hi) + 1))
-        elif part.strip():
-            folds.append(int(part))
-    if not folds or min(folds) < 0:
-        raise ValueError(f"bad fold spec {spec!r}: use K, A..B or A,B,C")
-    return folds
+    full = False
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if part == FULL_FIT:
+                full = True
+            elif ".." in part:
+                lo, hi = part.split("..")
+                folds += list(range(int(lo), int(hi) + 1))
+            elif part:
+                folds.append(int(part))
+    except ValueError:
+        folds = []
+    if (not folds and not full) or (folds and min(folds) < 0):
+        raise ValueError(f"bad fold spec {spec!r}: use K, A..B, A,B,C or full (alone or in a list: 0..4,full)")
+    return [*folds, *([FULL_FIT] if full else [])]
 
 
 def main(argv: list[str] | None = None) -> None:
     from arcfold.cli import add_config_args, config_from_args, setup_logging
 
     parser = argparse.ArgumentParser(prog="arcfold train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fold", "-f", required=True, help="fold index, A..B or A,B,C")
+    parser.add_argument("--fold", "-f", required=True, help="fold index, A..B or A,B,C; full: the full-data fit")
     add_config_args(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    try:
+        folds = parse_folds(args.fold)
+    except ValueError as e:
+        parser.error(str(e))
     cfg = config_from_args(args)
-    for fold in parse_folds(args.fold):
+    for fold in folds:
         try:
             train_fold(cfg, fold)
         except NonFiniteLossError:  # logged by train_fold, with the checkpoint it keeps: exit 2, no traceback

@@ -4,9 +4,9 @@ The backbone is created with ``num_classes=0, global_pool=''`` so it returns its
 pooling and neck are ours (see :mod:`arcfold.models.pooling`, :mod:`arcfold.models.necks`).
 The margin head is separate (:mod:`arcfold.models.heads`) and only exists while training.
 
-Checkpoints (``models/<experiment>/fold<K>.pt``) hold the embedding model's weights and the resolved
-config as plain data, so :func:`load_embedding_model` rebuilds the model from the file alone, and
-loads it with ``torch.load(weights_only=True)``: a checkpoint can never execute code.
+Checkpoints (``models/<experiment>/fold<K>.pt``, and ``full.pt`` for the full-data fit: :data:`FULL_FIT`) hold
+the embedding model's weights and the resolved config as plain data, so :func:`load_embedding_model` rebuilds the
+model from the file alone, and loads it with ``torch.load(weights_only=True)``: a checkpoint can never execute code.
 """
 
 from __future__ import annotations
@@ -29,9 +29,29 @@ from arcfold.models.pooling import build_pool
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FORMAT", "EmbeddingModel", "build_model", "load_embedding_model", "embedding_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FULL_FIT",
+    "EmbeddingModel",
+    "build_model",
+    "embedding_checkpoint",
+    "fold_name",
+    "load_embedding_model",
+]
 
 CHECKPOINT_FORMAT = "arcfold.embedding/1"
+# the "fold" of the full-data fit: one model trained on every row of every fold (never the test split), no
+# validation; its checkpoint is models/<experiment>/full.pt, in the format of fold<K>.pt with "fold": "full"
+FULL_FIT = "full"
+
+
+def fold_name(fold: int | str) -> str:
+    """The file stem of a fold's artifacts: ``fold<K>`` for fold K, ``full`` for the full-data fit.
+
+    >>> fold_name(2), fold_name(FULL_FIT)
+    ('fold2', 'full')
+    """
+    return FULL_FIT if fold == FULL_FIT else f"fold{int(fold)}"
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
