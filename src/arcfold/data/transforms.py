@@ -4,7 +4,8 @@ The pipelines do not resize: their input must already be ``image_size x image_si
 otherwise), as :class:`arcfold.data.dataset.ImageDataset` reads it through
 :func:`arcfold.data.dataset.resize_image`, the one resize of training, OOF and inference. Every pipeline ends in
 ``Normalize (ImageNet statistics, what timm's pretrained weights expect) -> ToTensorV2`` and returns a
-``(3, H, W)`` float tensor. Train presets add geometric and photometric noise of increasing strength (``strong``
+``(3, H, W)`` float tensor. Train presets add geometric and photometric noise of increasing strength (``shift``: a
+random translation only, the plain metric-learning loop's augmentation; ``strong``
 crops and resizes back to ``image_size``); horizontal flips are a separate knob (``data.hflip``) because they
 change the identity of characters and text but not of most objects.
 
@@ -42,6 +43,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _none(image_size: int) -> list[A.BasicTransform]:
     return []
+
+
+def _shift(image_size: int) -> list[A.BasicTransform]:
+    # a random shift of up to 1/16 of the side (4 px at 64), every image: the plain loop's only augmentation
+    limit = max(1, round(image_size / 16))
+    return [A.Affine(translate_px=(-limit, limit), border_mode=cv2.BORDER_REPLICATE, p=1.0)]
 
 
 def _light(image_size: int) -> list[A.BasicTransform]:
@@ -82,6 +89,7 @@ def _strong(image_size: int) -> list[A.BasicTransform]:
 
 AUGMENT_PRESETS: dict[str, Callable[[int], list[A.BasicTransform]]] = {
     "none": _none,
+    "shift": _shift,
     "light": _light,
     "medium": _medium,
     "strong": _strong,

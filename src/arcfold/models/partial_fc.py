@@ -162,8 +162,8 @@ class ShardedMarginHead(nn.Module):
 
     ``kind``: ``arcface`` (``margin`` m in radians, typical 0.2-0.5) or ``cosface`` (m in cosine units, typical
     0.1-0.4); ``scale`` s typical 30-64. Rank ``rank`` holds ``weight (C_r, D)`` = rows ``shard_range(n_classes,
-    rank, world_size)`` of the full ``(n_classes, D)`` centres, initialised xavier-uniform with the bound of the
-    full matrix (the scheme of ``heads.ArcFaceHead``, not the same numbers). ``group``: the process group of
+    rank, world_size)`` of the full ``(n_classes, D)`` centres, initialised N(0, 1) (the scheme of
+    ``heads.ArcFaceHead``, not the same numbers). ``group``: the process group of
     the ``world_size`` ranks (None: the default group). With ``world_size == 1`` no collective is used.
 
     ``forward(embeddings (B, D), labels (B,) global class ids) -> scalar fp32`` loss, the mean over the global
@@ -208,8 +208,7 @@ class ShardedMarginHead(nn.Module):
         self.start, self.stop = shard_range(n_classes, rank, world_size)
         self.margin_factor = 1.0  # set by the train loop for margin warm-up; not part of the state dict
         self.weight = nn.Parameter(torch.empty(self.stop - self.start, embedding_size))  # (C_r, D) this shard
-        bound = math.sqrt(6.0 / (n_classes + embedding_size))  # xavier_uniform_ of the full (C, D) matrix
-        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.normal_(self.weight)  # N(0, 1), as heads.ArcFaceHead (why: heads._CosineHead)
 
     # ------------------------------------------------------------------------------------------------ pieces
 
