@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/omniglot_arcface.yaml")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the network's (the recipe: 1e-3)")
+    parser.add_argument("--head-lr", type=float, default=1e-2, help="the class centres' (the recipe: 1e-2)")
     args = parser.parse_args()
     cfg = load_config(args.config, [])
     ensure_dataset(cfg)
@@ -133,7 +135,7 @@ def main() -> None:
         m = retrieval_metrics(embed(model, xv), va[LABEL].to_numpy())
         print(f"epoch {epoch}: {ips:.0f} img/s R@1 {m['recall@1']:.4f} MAP@R {m['map@r']:.4f}", flush=True)
 
-    train_reference(x, y, epochs=args.epochs, on_epoch_end=report)
+    train_reference(x, y, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, on_epoch_end=report)
 
 
 if __name__ == "__main__":
