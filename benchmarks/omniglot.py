@@ -127,7 +127,7 @@ def reference_folds(cfg, force: bool, lr: float | None = None) -> dict:
             model = train_reference(x, y, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, seed=k, **rates)
             seconds = time.time() - t0
             x_val = load_images(resolve_image_paths(va, root), cfg.data.image_size)
-            save_npz(path, {"val": embed(model, x_val), "test": embed(model, x_test)})
+            save_npz(path, val=embed(model, x_val), test=embed(model, x_test))
             save_json(out / f"fold{k}.json", {"seconds": round(seconds, 1), "loadavg_before": before,
                                              "loadavg_after": loadavg(), "seed": k})  # fmt: skip
         arrays = load_npz(path)

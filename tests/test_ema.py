@@ -31,12 +31,7 @@ from .conftest import TINY, mini_overrides, write_mini_dataset
 DECAY = 0.9  # far from 1, so that one update moves the EMA measurably
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ class _Stop(Exception):
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _overrides(root, run: str, *extra: str) -> list[str]:

@@ -27,13 +27,7 @@ TIMING = ["train_images_per_s", "train_seconds", "val_seconds"]  # wall-clock co
 OTHER_DEVICE = "auto" if not torch.cuda.is_available() else "cpu:0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the same arithmetic in every run, and no thread contention on a busy machine (5x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

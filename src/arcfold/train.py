@@ -1152,6 +1152,20 @@ def _remove_work_files(paths: FoldPaths) -> None:
         p.unlink(missing_ok=True)
 
 
+def _run_record(history: list[dict], seconds: float, folds_path: Path) -> dict[str, Any]:
+    """The fields every finished run records (fold JSON, full.json): speed, time, data, code, skipped steps."""
+    return {
+        "train_images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
+        "seconds": round(seconds, 1),
+        "folds_path": str(folds_path),
+        "folds_sha256": file_sha256(folds_path),
+        "git_commit": git_commit(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "skipped_batches": int(sum(h.get("skipped_batches", 0) for h in history)),
+        "skipped_steps": int(sum(h.get("skipped_steps", 0) for h in history)),
+    }
+
+
 def _finalize(
     cfg, fold, paths: FoldPaths, val_df, kept, history, folds_path, seconds, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -1171,14 +1185,7 @@ def _finalize(
         "epochs": cfg.train.epochs,
         **kept["metrics"],  # the kept epoch's scores: what the OOF file holds
         "last": {k: v for k, v in last.items() if k.startswith(("recall@", "map@"))},
-        "train_images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
-        "seconds": round(seconds, 1),
-        "folds_path": str(folds_path),
-        "folds_sha256": file_sha256(folds_path),
-        "git_commit": git_commit(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "skipped_batches": int(sum(h.get("skipped_batches", 0) for h in history)),
-        "skipped_steps": int(sum(h.get("skipped_steps", 0) for h in history)),
+        **_run_record(history, seconds, folds_path),
         **(extra or {}),
     }
     # weights first, OOF last: the OOF file is what marks the fold finished
@@ -1251,14 +1258,7 @@ def _finalize_full(cfg, paths: FoldPaths, kept, history, folds_path, seconds, ex
         "last_epoch": int(history[-1]["epoch"]),
         **extra,  # epochs, epochs_rule, n_images, n_classes, ...
         "train_loss": float(history[-1]["train_loss"]),
-        "train_images_per_s": float(np.mean([h["train_images_per_s"] for h in history])),
-        "seconds": round(seconds, 1),
-        "folds_path": str(folds_path),
-        "folds_sha256": file_sha256(folds_path),
-        "git_commit": git_commit(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "skipped_batches": int(sum(h.get("skipped_batches", 0) for h in history)),
-        "skipped_steps": int(sum(h.get("skipped_steps", 0) for h in history)),
+        **_run_record(history, seconds, folds_path),
     }
     with atomic_path(paths.weights) as tmp:
         shutil.copyfile(paths.best(kept["epoch"]), tmp)

@@ -312,7 +312,8 @@ class _CosineHead(MarginHead):
         self.weight = nn.Parameter(torch.empty(n_classes * subcenters, embedding_size))  # (C * k, D) centres
         # N(0, 1), as pytorch-metric-learning's margin losses: only the centres' directions enter the logits, so their
         # scale only sets how far an Adam step (about lr per coordinate, whatever the scale) turns them; at Xavier's
-        # scale (std ~0.05) a head lr of 1e-2 turned every centre ~20x further per step and cost 0.0x Recall@1 (issue 16)
+        # scale (std ~0.06) a head lr of 1e-2 turned every centre ~18x further per step and cost 0.03 Recall@1 on
+        # Omniglot (issue 16; benchmarks/results/omniglot_defaults_study.md)
         nn.init.normal_(self.weight)
 
     def subcenter_cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
