@@ -263,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     for row in args.rows.split(","):
         if row == "two_stage":
-            arcfold_row(args, "bench_stage1", [f"train.epochs={STAGE1_EPOCHS}"])
+            stage1 = ["name=bench_stage1", "train.progress=false", f"train.epochs={STAGE1_EPOCHS}"]
+            keep = ["train.force=true"] if args.force else ["train.resume=true"]
+            run(["bash", "train_fold.sh", f"0..{cfg.folds.n_splits - 1}", args.config, *stage1, *keep])  # no test
             init = ["model.init_from=models/bench_stage1/fold{fold}.pt", *STAGE2]
             rows[row] = arcfold_row(args, "bench_two_stage", init)
         elif row == "full":
