@@ -1,4 +1,4 @@
-"""Inference embedding throughput: ``arcfold.infer.embed_images`` against a bare ``model.embed(x)`` loop.
+"""Inference embedding throughput: ``arcfold.inference.ensemble.embed_images`` against a bare ``model.embed(x)`` loop.
 
 One resnet18 embedding model (glyphs_arcface config, 64 px, random init, eval mode) embeds the glyph set
 (``input/glyphs``; made by ``python -m arcfold prepare glyphs`` if missing):
@@ -57,7 +57,7 @@ def glyph_paths(n_images: int) -> list[str]:
 
 def build(size: int):
     from arcfold.config import load_config
-    from arcfold.infer import Ensemble, FoldModel
+    from arcfold.inference.ensemble import Ensemble, FoldModel
     from arcfold.models.embedding import build_model
 
     cfg = load_config("configs/glyphs_arcface.yaml", [f"data.image_size={size}", "model.backbone=resnet18"])
@@ -75,8 +75,9 @@ def stage_profile(paths: list[str], size: int) -> dict:
     comparison with the batched on-device normalisation that replaced it.
     """
     from arcfold.data.dataset import read_image
+    from arcfold.data.transforms import BatchNormalise as _Normalise
     from arcfold.data.transforms import build_eval_transform
-    from arcfold.infer import _collate_views, _MultiSizeDataset, _Normalise
+    from arcfold.inference.ensemble import _collate_views, _MultiSizeDataset
 
     dataset = _MultiSizeDataset(paths, [size])
     normalise = _Normalise(torch.device("cpu"))
@@ -128,7 +129,8 @@ def main() -> None:
 
     from arcfold.data.dataset import read_image
     from arcfold.data.transforms import build_eval_transform
-    from arcfold.infer import TTAConfig, embed_images
+    from arcfold.inference.config import TTAConfig
+    from arcfold.inference.ensemble import embed_images
 
     cuda_available(NAME)
     torch.set_num_threads(a.threads)

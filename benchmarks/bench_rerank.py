@@ -1,8 +1,8 @@
 """Re-ranking post-processors: time and peak memory of α-QE, DBA, k-reciprocal and label voting.
 
 Queries and gallery: ``N`` each, L2-normalised clustered float32 vectors at D=128 drawn around the same class
-centres (``_bench_common.clustered_embeddings``). First stage: ``arcfold.search.search(q, g, K=50)`` (faiss exact),
-computed before the measurement starts. Each post-processor runs at its defaults with the default (exact faiss)
+centres (``_bench_common.clustered_embeddings``). First stage: ``arcfold.retrieval.search.search(q, g, K=50)`` (faiss
+exact), computed before the measurement starts. Each post-processor runs at its defaults with the default (exact faiss)
 search:
 
 * ``qe``: ``query_expansion(q, g)`` (k=2, α=3; includes its own search of the gallery).
@@ -54,8 +54,9 @@ STEPS = ("qe", "dba", "kr", "vote")
 def worker(args: dict) -> dict:
     import numpy as np
 
-    from arcfold.postprocess import database_augmentation, k_reciprocal, query_expansion, vote_labels
-    from arcfold.search import search
+    from arcfold.retrieval.postprocess import database_augmentation, k_reciprocal, query_expansion
+    from arcfold.retrieval.search import search
+    from arcfold.retrieval.voting import vote_labels
 
     n, step = args["n"], args["step"]
     kw = {"backend": args["backend"]}

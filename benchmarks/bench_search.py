@@ -1,13 +1,14 @@
-"""Neighbour search: time per 1k queries of faiss exact / IVF / HNSW (``arcfold.search`` defaults) and torch.
+"""Neighbour search: time per 1k queries of faiss exact / IVF / HNSW (``arcfold.retrieval.search`` defaults) and torch.
 
 Gallery: ``N`` L2-normalised clustered float32 vectors at D=128 (``_bench_common.clustered_embeddings``); queries:
 1000 further vectors drawn around the same class centres (so they have true neighbours in the gallery), k=10.
 
-* faiss exact / ivf / hnsw: ``arcfold.search.build_index`` with search.py's defaults (IVF: ``nlist = 4 sqrt(N)``
-  capped so each list has >= 39 points, ``nprobe = nlist / 4`` (``default_nprobe``; 16 before), trained on <= 256
-  points per list; HNSW: ``M=32``, ``efSearch=128``). Build time is reported separately; the search time is
-  ``index.search`` of the 1000 queries.
-* torch: ``arcfold.search.search(..., backend="torch")`` (exact chunked matmul + top-k with the exact tie rule).
+* faiss exact / ivf / hnsw: ``arcfold.retrieval.search.build_index`` with search.py's defaults (IVF:
+  ``nlist = 4 sqrt(N)`` capped so each list has >= 39 points, ``nprobe = nlist / 4`` (``default_nprobe``; 16
+  before), trained on <= 256 points per list; HNSW: ``M=32``, ``efSearch=128``). Build time is reported
+  separately; the search time is ``index.search`` of the 1000 queries.
+* torch: ``arcfold.retrieval.search.search(..., backend="torch")`` (exact chunked matmul + top-k with the exact
+  tie rule).
 * recall@10 vs exact: mean over queries of |approx top-10 ∩ faiss exact top-10| / 10 (target >= 0.95).
 
 Search methods alternate within each of ``--rounds`` rounds, and the median is reported, so machine drift (shared
@@ -60,7 +61,7 @@ def recall_vs_exact(approx: np.ndarray, exact: np.ndarray) -> float:
 def bench_size(
     n: int, rounds: int, hnsw_projection: float | None, max_build: float, noise: float, approx_max_n: int
 ) -> dict:
-    from arcfold.search import build_index, default_nlist, default_nprobe, search
+    from arcfold.retrieval.search import build_index, default_nlist, default_nprobe, search
 
     x, _ = clustered_embeddings(n + N_QUERIES, D, seed=1, noise=noise)
     gallery, queries = x[:n], x[n:]  # (N, D), (1000, D)
@@ -179,8 +180,8 @@ def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) ->
         "",
         f"Clustered unit vectors (noise norm {a.noise:g} around unit class centres), 1000 queries drawn around the",
         "gallery's class centres. faiss indexes built by",
-        "`arcfold.search.build_index` at search.py's defaults (IVF-Flat `nlist=4*sqrt(N)`, `nprobe=nlist/4` (column",
-        "nprobe; rows without it ran at the former default 16); HNSW-Flat",
+        "`arcfold.retrieval.search.build_index` at search.py's defaults (IVF-Flat `nlist=4*sqrt(N)`, `nprobe=nlist/4`",
+        "(column nprobe; rows without it ran at the former default 16); HNSW-Flat",
         "`M=32`, `efSearch=128`); build time separate. torch = `search(backend='torch')`, exact. Median of alternating",
         f"rounds ({a.rounds}) in one process; shared noisy VM, compare within a row. Recall@10 is against faiss exact.",
         "",

@@ -4,7 +4,7 @@ Both train the *same* model, head, optimiser and batch (``configs/omniglot_arcfa
 Linear-BN-PReLU, ArcFace head, AdamW, 64 px, batch 64, fold 0's training images), so the only differences are
 what ``train_fold.sh`` adds around the step:
 
-* arcfold: ``arcfold.train._train_one_epoch`` fed by ``ImageDataset(cache=True)`` (decoded, resized images cached
+* arcfold: ``arcfold.training.loop.train_one_epoch`` fed by ``ImageDataset(cache=True)`` (decoded, resized images cached
   in memory), albumentations ``light`` augmentation on uint8 and a DataLoader (``num_workers`` from the config) whose
   collate normalises each batch at once (``train.build_train_collate``, as ``train_fold`` builds it), plus its
   per-step guards (non-finite loss/gradient checks, clipping above ``train.grad_clip``, margin warm-up, scheduler).
@@ -57,13 +57,15 @@ def setup(fold: int = 0) -> dict:
 
     from arcfold.config import load_config
     from arcfold.data.dataset import ImageDataset
+    from arcfold.data.folds import ensure_folds, load_folds
     from arcfold.data.table import FOLD, LABEL, image_root, resolve_image_paths
     from arcfold.data.transforms import build_train_transform
-    from arcfold.folds import ensure_folds, load_folds
+    from arcfold.datasets.prepare import ensure_dataset
     from arcfold.models.embedding import build_model
     from arcfold.models.heads import build_head
-    from arcfold.prepare import ensure_dataset
-    from arcfold.train import build_optimizer, build_train_collate, seed_everything
+    from arcfold.runtime import seed_everything
+    from arcfold.training.loop import build_train_collate
+    from arcfold.training.schedule import build_optimizer
 
     cfg = load_config(CONFIG, ["name=bench_train", "train.progress=false"])
     ensure_dataset(cfg)
@@ -123,14 +125,16 @@ def preload(s: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def arcfold_round(s: dict, batches: int) -> float:
     """Images/s of ``batches`` batches of arcfold's epoch function on its data path."""
-    from arcfold.train import _train_one_epoch
+    from arcfold.training.loop import train_one_epoch
+    from arcfold.training.step import OptimizerStep
 
     cfg = s["cfg"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(s["optimizer"], lambda _: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     params = [p for g in s["optimizer"].param_groups for p in g["params"]]
-    stats = _train_one_epoch(
-        cfg, s["model"], s["head"], s["loader"](), batches, s["optimizer"], scheduler, scaler, params,
+    stats = train_one_epoch(
+        cfg, s["model"], s["head"], s["loader"](), batches,
+        OptimizerStep.from_config(cfg, s["optimizer"], scheduler, scaler, params),
         torch.device("cpu"), None, 1,
     )  # fmt: skip
     return stats["train_images_per_s"]
@@ -257,7 +261,7 @@ def markdown(pl: dict, a: argparse.Namespace) -> str:
 
     return "\n".join(
         [
-            "## Training throughput: `_train_one_epoch` on the real data path vs a bare loop on preloaded tensors",
+            "## Training throughput: `train_one_epoch` on the real data path vs a bare loop on preloaded tensors",
             "",
             f"Command: `python benchmarks/bench_train.py --rounds {a.rounds} --round-batches {a.round_batches}`  ",
             f"Machine: {machine_line(pl['machine'])}  ",

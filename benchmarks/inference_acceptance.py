@@ -152,7 +152,7 @@ def acceptance(name: str, case: dict, work: Path, reuse: bool = False) -> dict:
 
 
 def render(results: list[dict]) -> str:
-    from arcfold.rerank import render_rerank
+    from arcfold.experiments.rerank import render_rerank
 
     lines = [
         "# Inference acceptance (issue 5)",

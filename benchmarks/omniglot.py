@@ -5,10 +5,11 @@ learning ``ArcFaceLoss``, Linear-BN neck, Adam with a 10x lr on the class centre
 docstring lists the recipe, issue 16's). Both sides train on the same rows of the same fold file (3 folds of 2
 alphabets each; the MLRC test split, 2 more alphabets, is never trained, validated or selected on), with the same
 backbone (timm resnet18, random init), image size (64 px), batch (64) and epochs (10), and are scored by the same
-evaluator (:func:`arcfold.metrics.retrieval_metrics`: leave-one-out Recall@K and MAP@R; checked against
+evaluator (:func:`arcfold.retrieval.metrics.retrieval_metrics`: leave-one-out Recall@K and MAP@R; checked against
 pytorch-metric-learning's ``AccuracyCalculator`` on the reference's fold 0). Each side keeps its last epoch: nothing
 is selected on the numbers reported. On the test split each side's 3 fold models are combined the way inference
-combines folds (each L2-normalised, concatenated: :func:`arcfold.blend.blend_embeddings`), and scored alone too.
+combines folds (each L2-normalised, concatenated: :func:`arcfold.retrieval.ensemble.blend_embeddings`), and scored alone
+too.
 
 Rows (``--rows``, each through the real command lines, so a row is exactly what a user gets):
 
@@ -49,13 +50,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from reference_loop import embed, load_images, train_reference  # noqa: E402
 
-from arcfold.blend import blend_embeddings  # noqa: E402
 from arcfold.config import load_config  # noqa: E402
+from arcfold.data.folds import TEST_FOLD, ensure_folds, load_folds  # noqa: E402
 from arcfold.data.table import FOLD, LABEL, image_root, resolve_image_paths  # noqa: E402
-from arcfold.folds import TEST_FOLD, ensure_folds, load_folds  # noqa: E402
+from arcfold.datasets.prepare import ensure_dataset  # noqa: E402
 from arcfold.io import load_npz, save_json, save_npz, save_text  # noqa: E402
-from arcfold.metrics import retrieval_metrics  # noqa: E402
-from arcfold.prepare import ensure_dataset  # noqa: E402
+from arcfold.retrieval.ensemble import blend_embeddings  # noqa: E402
+from arcfold.retrieval.metrics import retrieval_metrics  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("recall@1", "recall@5", "recall@10", "map@r")
@@ -94,11 +95,11 @@ def pml_check(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """pytorch-metric-learning's AccuracyCalculator on the same embeddings: the evaluator's independent check."""
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count")
+    calc = AccuracyCalculator(include=("precision_at_1", "meanaverage_precision_at_r"), k="max_bin_count")
     x = torch.nn.functional.normalize(torch.from_numpy(emb), dim=1)
     y = torch.from_numpy(np.unique(labels, return_inverse=True)[1])
     acc = calc.get_accuracy(x, y, x, y, ref_includes_query=True)
-    return {"recall@1": float(acc["precision_at_1"]), "map@r": float(acc["mean_average_precision_at_r"])}
+    return {"recall@1": float(acc["precision_at_1"]), "map@r": float(acc["meanaverage_precision_at_r"])}
 
 
 def reference_folds(cfg, force: bool, lr: float | None = None) -> dict:

@@ -13,7 +13,7 @@ and keeps its best epoch by Recall@1, as ``train_fold.sh`` does. Only the studie
 Each run is a real experiment (``oof/study_<variant>/``, ``models/study_<variant>/``), trained by the
 real CLI in its own process; finished runs are reused (``train.resume=true``), so an interrupted study
 continues where it stopped. Scores are recomputed from the saved OOF embeddings by
-``arcfold.metrics.retrieval_metrics`` (leave-one-out over the held-out fold) at K = 1, 3, 5, 10.
+``arcfold.retrieval.metrics.retrieval_metrics`` (leave-one-out over the held-out fold) at K = 1, 3, 5, 10.
 
 Run from the project root (needs ``../shared/data/omniglot``)::
 
@@ -37,7 +37,7 @@ import torch
 
 from arcfold.config import load_config
 from arcfold.io import load_npz, save_json, save_text
-from arcfold.metrics import retrieval_metrics
+from arcfold.retrieval.metrics import retrieval_metrics
 
 log = logging.getLogger("study")
 RESULTS = Path("benchmarks/results")

@@ -43,12 +43,12 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from arcfold.blend import blend_embeddings  # noqa: E402
 from arcfold.config import load_config  # noqa: E402
-from arcfold.holdout import score_holdout  # noqa: E402
+from arcfold.experiments.holdout import score_holdout  # noqa: E402
 from arcfold.io import load_npz, save_json, save_text  # noqa: E402
-from arcfold.search import search  # noqa: E402
-from arcfold.submission import retrieval_scores  # noqa: E402
+from arcfold.retrieval.ensemble import blend_embeddings  # noqa: E402
+from arcfold.retrieval.search import search  # noqa: E402
+from arcfold.retrieval.submission import retrieval_scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("recall@1", "recall@5", "recall@10", "map@r")

@@ -33,11 +33,11 @@ from pytorch_metric_learning.losses import ArcFaceLoss
 
 from arcfold.config import load_config
 from arcfold.data.dataset import read_image
+from arcfold.data.folds import ensure_folds, load_folds
 from arcfold.data.table import FOLD, LABEL, image_root, resolve_image_paths
 from arcfold.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from arcfold.folds import ensure_folds, load_folds
+from arcfold.datasets.prepare import ensure_dataset
 from arcfold.io import save_json, save_text
-from arcfold.prepare import ensure_dataset
 
 log = logging.getLogger("benchmark")
 RESULTS = Path("benchmarks/results")
@@ -78,7 +78,9 @@ def interleaved_throughput(cfg, fold: int, rounds: int = 7, batches: int = 12) -
     from arcfold.data.transforms import build_train_transform
     from arcfold.models.embedding import build_model
     from arcfold.models.heads import build_head
-    from arcfold.train import _train_one_epoch, build_optimizer
+    from arcfold.training.loop import train_one_epoch
+    from arcfold.training.schedule import build_optimizer
+    from arcfold.training.step import OptimizerStep
 
     folds_df = load_folds(cfg.folds_path)
     train_df = folds_df[(folds_df[FOLD] >= 0) & (folds_df[FOLD] != fold)].reset_index(drop=True)  # test rows out
@@ -102,8 +104,16 @@ def interleaved_throughput(cfg, fold: int, rounds: int = 7, batches: int = 12) -
     ours, ref = [], []
     for _ in range(rounds):
         loader = DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=True)
-        stats = _train_one_epoch(
-            cfg, model, head, loader, batches, optimizer, scheduler, scaler, params, torch.device("cpu"), None, 0
+        stats = train_one_epoch(
+            cfg,
+            model,
+            head,
+            loader,
+            batches,
+            OptimizerStep.from_config(cfg, optimizer, scheduler, scaler, params),
+            torch.device("cpu"),
+            None,
+            0,
         )
         ours.append(stats["train_images_per_s"])
         order = torch.randperm(len(x_ref))

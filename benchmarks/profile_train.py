@@ -1,10 +1,10 @@
-"""Where the training step's time goes: a profile of one epoch and an ablation of ``_train_one_epoch`` vs a bare loop.
+"""Where the training step's time goes: a profile of one epoch and an ablation of ``train_one_epoch`` vs a bare loop.
 
 Same setup as ``bench_train.py`` (``configs/omniglot_arcface.yaml``: resnet18, 64 px, batch 64, fold 0, image cache
-filled first). ``train.py`` is not edited: each ablation feeds or patches the unmodified ``_train_one_epoch`` from
+filled first). ``train.py`` is not edited: each ablation feeds or patches the unmodified ``train_one_epoch`` from
 outside, so every difference between two loops is one thing:
 
-* ``arcfold``: ``_train_one_epoch`` on its real data path (cached images, ``light`` augmentation, DataLoader).
+* ``arcfold``: ``train_one_epoch`` on its real data path (cached images, ``light`` augmentation, DataLoader).
 * ``arcfold-preloaded``: the same function fed the bare loop's preloaded, normalised tensors (no augmentation,
   no DataLoader): arcfold - this = the data path.
 * ``arcfold-preloaded-nonorm``: as above with ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm`` replaced by
@@ -56,14 +56,16 @@ def preloaded_loader(x: torch.Tensor, y: torch.Tensor, bs: int, batches: int):
 
 
 def arcfold_on(s: dict, loader, batches: int) -> float:
-    """Images/s of the unmodified ``_train_one_epoch`` fed ``loader``."""
-    from arcfold.train import _train_one_epoch
+    """Images/s of the unmodified ``train_one_epoch`` fed ``loader``."""
+    from arcfold.training.loop import train_one_epoch
+    from arcfold.training.step import OptimizerStep
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(s["optimizer"], lambda _: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     params = [p for g in s["optimizer"].param_groups for p in g["params"]]
-    stats = _train_one_epoch(
-        s["cfg"], s["model"], s["head"], loader, batches, s["optimizer"], scheduler, scaler, params,
+    stats = train_one_epoch(
+        s["cfg"], s["model"], s["head"], loader, batches,
+        OptimizerStep.from_config(s["cfg"], s["optimizer"], scheduler, scaler, params),
         torch.device("cpu"), None, 1,
     )  # fmt: skip
     return stats["train_images_per_s"]
@@ -94,7 +96,7 @@ def uint8_loader(s: dict):
     from torch.utils.data import DataLoader
 
     from arcfold.data.transforms import AUGMENT_PRESETS
-    from arcfold.infer import _Normalise
+    from arcfold.data.transforms import BatchNormalise as _Normalise
 
     cfg, size = s["cfg"], s["cfg"].data.image_size
     steps = AUGMENT_PRESETS[cfg.data.augment](size)
@@ -222,7 +224,7 @@ def main() -> None:
 def markdown(pl: dict) -> str:
     ratios, ms = pl["median_ratio_to_bare"], pl["median_ms_per_batch"]
     labels = {
-        "arcfold": "`_train_one_epoch`, real data path (as bench_train)",
+        "arcfold": "`train_one_epoch`, real data path (as bench_train)",
         "arcfold-preloaded": "same function, fed the bare loop's preloaded tensors",
         "arcfold-preloaded-nonorm": "same, clipping + gradient-norm check patched out",
         "arcfold-proposed": "real data path, batch normalised in numpy, clipping only above the threshold (proposed)",
@@ -232,7 +234,7 @@ def markdown(pl: dict) -> str:
     diff = sorted(set(a) | set(b), key=lambda k: -(a.get(k, 0) - b.get(k, 0)))[:8]
     load = ", ".join(f"{v:.1f}" for v in pl["load_average_at_end"])
     lines = [
-        "## Training step profile: where `_train_one_epoch` loses to the bare loop",
+        "## Training step profile: where `train_one_epoch` loses to the bare loop",
         "",
         f"Command: `{pl.get('command', 'python benchmarks/profile_train.py')}`  ",
         f"Machine: {machine_line(pl['machine'])}; load average at the end {load}  ",

@@ -108,10 +108,10 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from arcfold.config import load_config
+    from arcfold.data.folds import ensure_folds, load_folds
     from arcfold.data.table import FOLD, LABEL, image_root, resolve_image_paths
-    from arcfold.folds import ensure_folds, load_folds
-    from arcfold.metrics import retrieval_metrics
-    from arcfold.prepare import ensure_dataset
+    from arcfold.datasets.prepare import ensure_dataset
+    from arcfold.retrieval.metrics import retrieval_metrics
 
     parser = argparse.ArgumentParser(description="train the plain reference loop on one fold")
     parser.add_argument("--config", default="configs/omniglot_arcface.yaml")

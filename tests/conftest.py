@@ -34,7 +34,7 @@ TINY = [
 @pytest.fixture(scope="session")
 def glyphs_input(tmp_path_factory) -> Path:
     """The default glyph data set, generated once per test session; returns the input/ folder."""
-    from arcfold.data.glyphs import generate_glyphs
+    from arcfold.datasets.glyphs import generate_glyphs
 
     root = tmp_path_factory.mktemp("glyphs_input")
     generate_glyphs(root / "glyphs", seed=0, progress=False)

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from arcfold.config import ConfigError, config_from_dict, config_to_dict, load_config
+from arcfold.config import config_from_dict, config_to_dict, load_config
+from arcfold.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,20 @@ def test_wrong_type_is_an_error():
 def test_impossible_values_are_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_cosface_margins_are_checked_in_cosine_units_not_radians():
+    """A CosFace margin is subtracted from a cosine (cos(theta) - m), so it is not bounded by pi; an ArcFace margin is
+    an angle. (The old check applied the radians bound to both: cosface m=2.5 passed, m=3.2 gave 'radians'.)"""
+    with pytest.raises(ConfigError, match=r"cosface is in cosine units and must be < 2 \(got 2.5"):
+        load_config(None, ["head.name=cosface", "head.margin=2.5"])
+    with pytest.raises(ConfigError, match="cosine units") as e:
+        load_config(None, ["head.name=cosface", "head.margin=3.2"])
+    assert "radians" not in str(e.value)
+    assert load_config(None, ["head.name=cosface", "head.margin=0.35"]).head.margin == 0.35
+    with pytest.raises(ConfigError, match="radians and must be < pi"):
+        load_config(None, ["head.name=arcface", "head.margin=3.2"])
+    assert load_config(None, ["head.name=arcface", "head.margin=2.5"]).head.margin == 2.5  # an angle: allowed
 
 
 def test_amp_off_is_not_read_as_a_boolean(tmp_path):

@@ -148,9 +148,10 @@ def test_sharded_batches_must_split_evenly():
     ],
 )
 def test_distributed_settings_the_config_alone_cannot_check_are_config_errors(overrides, world_size, message):
-    from arcfold.config import ConfigError, load_config
+    from arcfold.config import load_config
     from arcfold.distributed import DistContext
-    from arcfold.train import _check_distributed_config
+    from arcfold.errors import ConfigError
+    from arcfold.training.ddp import check_distributed_config as _check_distributed_config
 
     cfg = load_config(None, overrides)
     _check_distributed_config(cfg, DistContext(0, 1), torch.device("cpu"))  # one process: fine
@@ -159,7 +160,8 @@ def test_distributed_settings_the_config_alone_cannot_check_are_config_errors(ov
 
 
 def test_sharded_head_takes_only_the_margin_heads_it_supports():
-    from arcfold.config import ConfigError, load_config
+    from arcfold.config import load_config
+    from arcfold.errors import ConfigError
 
     load_config(None, ["head.sharded=true", "head.name=cosface"])
     with pytest.raises(ConfigError, match="head.sharded=true supports head.name=arcface or cosface.*subcenter_arcface"):
@@ -179,10 +181,13 @@ def _loop_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
     from arcfold.config import load_config
     from arcfold.distributed import dist_context, gather_rows, process_group
-    from arcfold.ema import build_ema
     from arcfold.models.embedding import build_model
     from arcfold.models.heads import build_head
-    from arcfold.train import _train_one_epoch, build_ddp, build_optimizer
+    from arcfold.training.ddp import build_ddp
+    from arcfold.training.ema import build_ema
+    from arcfold.training.loop import train_one_epoch
+    from arcfold.training.schedule import build_optimizer
+    from arcfold.training.step import OptimizerStep
 
     ctx = dist_context()
     with process_group(ctx, torch.device("cpu"), timeout_s=120):
@@ -220,8 +225,18 @@ def _loop_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         cpu = torch.device("cpu")
-        _train_one_epoch(
-            cfg, model, head, batches, 4, optimizer, scheduler, scaler, params, cpu, None, 0, ddp=ddp, ctx=ctx, ema=ema
+        train_one_epoch(
+            cfg,
+            model,
+            head,
+            batches,
+            4,
+            OptimizerStep.from_config(cfg, optimizer, scheduler, scaler, params, ema=ema),
+            cpu,
+            None,
+            0,
+            ddp=ddp,
+            ctx=ctx,
         )
         weights = [torch.zeros_like(head.weight) for _ in range(world_size)]
         dist.all_gather(weights, head.weight.detach())
@@ -268,7 +283,10 @@ def test_loop_gathers_rows_in_order_skips_allreduce_on_accumulation_steps_and_ke
 def _fold_worker(rank: int, world_size: int, port: int, overrides: list[str], out_dir: str) -> None:
     """Train fold 0, recording the head's loss at every micro-step, the final head and the file writes."""
     _set_rank_env(rank, world_size, port)
-    import arcfold.train
+    import arcfold.training.ddp
+    import arcfold.training.finalize
+    import arcfold.training.fold
+    import arcfold.training.loop
     from arcfold.config import load_config
 
     record: dict = {"losses": [], "writes": [], "head": None}
@@ -289,20 +307,20 @@ def _fold_worker(rank: int, world_size: int, port: int, overrides: list[str], ou
 
         return wrapper
 
-    arcfold.train.build_head = recorded(arcfold.train.build_head)
-    pair_forward = arcfold.train._GlobalPairLoss.forward  # pair/proxy losses under DDP bypass head.forward
+    arcfold.training.fold.build_head = recorded(arcfold.training.fold.build_head)
+    pair_forward = arcfold.training.ddp.GlobalPairLoss.forward  # pair/proxy losses under DDP bypass head.forward
 
     def recording_pair_forward(self, embeddings, labels):
         loss = pair_forward(self, embeddings, labels)
         record["losses"].append(loss.item())
         return loss
 
-    arcfold.train._GlobalPairLoss.forward = recording_pair_forward
-    arcfold.train.build_sharded_head = recorded(arcfold.train.build_sharded_head)
+    arcfold.training.ddp.GlobalPairLoss.forward = recording_pair_forward
+    arcfold.training.fold.build_sharded_head = recorded(arcfold.training.fold.build_sharded_head)
     writers = ["save_torch", "save_npz", "save_json", "save_text", "save_history", "atomic_path", "file_lock"]
 
-    def recording_writer(name: str):
-        real = getattr(arcfold.train, name)
+    def recording_writer(module, name: str):
+        real = getattr(module, name)
 
         def writer(*args, **kwargs):
             record["writes"].append(name)
@@ -310,10 +328,12 @@ def _fold_worker(rank: int, world_size: int, port: int, overrides: list[str], ou
 
         return writer
 
-    for name in [*writers, "_attach_file_log", "ensure_dataset", "ensure_folds", "remove_stale_temp_files"]:
-        setattr(arcfold.train, name, recording_writer(name))
+    for name in [*writers, "attach_file_log", "ensure_dataset", "ensure_folds", "remove_stale_temp_files"]:
+        for module in (arcfold.training.fold, arcfold.training.finalize):  # where the training package writes
+            if hasattr(module, name):
+                setattr(module, name, recording_writer(module, name))
     cfg = load_config(None, overrides)
-    scores = arcfold.train.train_fold(cfg, 0)
+    scores = arcfold.training.fold.train_fold(cfg, 0)
     head = record["head"]
     torch.save(
         {
@@ -475,11 +495,13 @@ def test_train_fold_sh_under_torchrun_matches_one_process_and_resumes(tmp_path, 
 def _crash_worker(rank: int, world_size: int, port: int, overrides: list[str], out_dir: str) -> None:
     """Rank 1 SIGKILLs itself at its 2nd training step (no clean-up at all); rank 0 records how it ended."""
     _set_rank_env(rank, world_size, port)
-    import arcfold.train
+    import arcfold.training.ddp
+    import arcfold.training.fold
+    import arcfold.training.loop
     from arcfold.config import load_config
 
     if rank == 1:
-        real, calls = arcfold.train.reduce_mean, []
+        real, calls = arcfold.training.loop.reduce_mean, []
 
         def dying_reduce_mean(*args, **kwargs):
             calls.append(1)
@@ -487,9 +509,9 @@ def _crash_worker(rank: int, world_size: int, port: int, overrides: list[str], o
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kwargs)
 
-        arcfold.train.reduce_mean = dying_reduce_mean
+        arcfold.training.loop.reduce_mean = dying_reduce_mean
     try:
-        arcfold.train.train_fold(load_config(None, overrides), 0)
+        arcfold.training.fold.train_fold(load_config(None, overrides), 0)
         outcome = "finished"
     except Exception as e:  # noqa: BLE001 - what the surviving rank saw
         outcome = f"{type(e).__name__}: {e}"

@@ -7,17 +7,17 @@ import importlib
 import sys
 
 STAGES = {
-    "prepare": "arcfold.prepare",
-    "folds": "arcfold.folds",
-    "train": "arcfold.train",
-    "score": "arcfold.score",
-    "test": "arcfold.evaluate",
-    "leaderboard": "arcfold.leaderboard",
-    "blend": "arcfold.blend",
-    "tune": "arcfold.tune",
-    "plots": "arcfold.plots",
-    "rerank": "arcfold.rerank",
-    "holdout": "arcfold.holdout",
+    "prepare": "arcfold.stages.prepare",
+    "folds": "arcfold.stages.folds",
+    "train": "arcfold.stages.train",
+    "score": "arcfold.stages.score",
+    "test": "arcfold.stages.test",
+    "leaderboard": "arcfold.stages.leaderboard",
+    "blend": "arcfold.stages.blend",
+    "tune": "arcfold.stages.tune",
+    "plots": "arcfold.stages.plots",
+    "rerank": "arcfold.stages.rerank",
+    "holdout": "arcfold.stages.holdout",
 }
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         print("usage: python -m arcfold {" + ",".join(STAGES) + "} [options]  (each stage has --help)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from arcfold.cli import run_cli
+    from arcfold.stages.cli import run_cli
 
     module = importlib.import_module(STAGES[argv[0]])
     return run_cli(module.main, argv[1:])

@@ -12,6 +12,7 @@ checkpoint, so any model can be rebuilt from its checkpoint alone.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from arcfold.errors import ConfigError
+
 __all__ = [
-    "ConfigError",
     "DataConfig",
     "ExperimentConfig",
     "FoldsConfig",
@@ -40,10 +42,6 @@ __all__ = [
     "load_config",
     "load_structured",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid (unknown key, wrong type, impossible value)."""
 
 
 @dataclass
@@ -344,7 +342,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def validate_config(cfg: ExperimentConfig) -> None:
-    """Values the type system cannot catch; all problems reported at once."""
+    """Values the type system cannot catch; all problems reported at once.
+
+    One flat list of checks, kept in one function so that every rule of the config reads in one place.
+    """
     problems = []
     flat = config_to_dict(cfg)
     for key, allowed in _CHOICES.items():
@@ -426,7 +427,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if cfg.model.init_from and (cfg.model.pretrained_path or cfg.model.pretrained):
         other = "model.pretrained_path" if cfg.model.pretrained_path else "model.pretrained=true"
         problems.append(f"model.init_from and {other} both set: the starting weights come from one of them")
-    if cfg.head.margin >= 3.1416:
+    if cfg.head.name == "cosface" and not cfg.head.margin < 2.0:  # cos(theta) - m: cosine units, not radians
+        problems.append(
+            f"head.margin of cosface is in cosine units and must be < 2 (got {cfg.head.margin}; typical 0.1-0.4)"
+        )
+    elif cfg.head.name != "cosface" and cfg.head.margin >= math.pi:
         problems.append(f"head.margin is in radians and must be < pi (got {cfg.head.margin}); 0.5 rad = 28.6 degrees")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -38,13 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from arcfold.errors import CorruptFileError, LockedError, UnsafeFileError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ArtifactExistsError",
-    "CorruptFileError",
-    "LockedError",
-    "UnsafeFileError",
     "atomic_path",
     "fault_point",
     "file_lock",
@@ -60,22 +58,6 @@ __all__ = [
 ]
 
 KILL_AT_ENV = "ARCFOLD_KILL_AT"
-
-
-class ArtifactExistsError(FileExistsError):
-    """A finished artifact would be overwritten and the user did not ask for it (``force``)."""
-
-
-class CorruptFileError(ValueError):
-    """A file exists but cannot be read as what it should be: truncated, corrupt, or of another kind."""
-
-
-class UnsafeFileError(CorruptFileError):
-    """A file that would run code if loaded (a pickle of Python objects besides tensors and plain data): refused."""
-
-
-class LockedError(ArtifactExistsError):
-    """Another process holds the lock of a job that must not run twice (the same fold, say)."""
 
 
 # --------------------------------------------------------------------------------------------

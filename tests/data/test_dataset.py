@@ -41,7 +41,7 @@ def _collate(items):
 
 
 def test_images_are_resized_when_read_with_the_cache_on_or_off_as_inference_resizes_them(tmp_path) -> None:
-    from arcfold.infer import _MultiSizeDataset
+    from arcfold.inference.ensemble import _MultiSizeDataset
 
     paths = _write_images(tmp_path, 5)
     on = ImageDataset(paths, None, build_eval_transform(32), cache=True, size=32, progress=False)

@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from arcfold.config import DataConfig
-from arcfold.data.table import DataValidationError, load_train_table
+from arcfold.data.table import load_train_table
+from arcfold.errors import DataValidationError
 
 
 def _write_images(root, names, size=8):

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from arcfold.config import HeadConfig
-from arcfold.models.heads import build_head, classification_loss, dynamic_margins, inverse_log_class_weights
+from arcfold.models.heads import build_head
+from arcfold.models.margins import classification_loss, dynamic_margins, inverse_log_class_weights
 
 # ------------------------------------------------------------------------------------------------- dynamic margins
 

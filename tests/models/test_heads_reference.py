@@ -20,9 +20,9 @@ from arcfold.models.heads import (
     NormSoftmaxHead,
     SoftmaxHead,
     SubCenterArcFaceHead,
-    cosface_logits,
     subcenter_outliers,
 )
+from arcfold.models.margins import cosface_logits
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 

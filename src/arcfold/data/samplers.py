@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as c_f
+from torch.utils.data import DataLoader
 
 __all__ = ["SeededMPerClassSampler", "ShardedBatchSampler", "build_sampler", "global_batches"]
 
@@ -106,7 +107,6 @@ def global_batches(
     worker base seed from the generator before the permutation, and reproducing it through the DataLoader
     itself rather than by hand keeps the order identical whatever torch does inside.
     """
-    from torch.utils.data import DataLoader
 
     loader = DataLoader(
         range(n),

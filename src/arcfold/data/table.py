@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from arcfold.config import DataConfig
+from arcfold.errors import DataValidationError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ __all__ = [
     "IMAGE",
     "LABEL",
     "STANDARD_COLUMNS",
-    "DataValidationError",
     "check_image_files",
     "image_root",
     "load_train_table",
@@ -55,11 +55,7 @@ __all__ = [
 ]
 
 
-class DataValidationError(ValueError):
-    """The training data is not usable as given; the message lists every problem found."""
-
-
-def _raise_problems(source: Path | str, problems: list[str], hint: str = "") -> None:
+def raise_problems(source: Path | str, problems: list[str], hint: str = "") -> None:
     if not problems:
         return
     listed = problems[:MAX_LISTED_PROBLEMS]
@@ -69,7 +65,7 @@ def _raise_problems(source: Path | str, problems: list[str], hint: str = "") -> 
     raise DataValidationError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + tail)
 
 
-def _where(row: int) -> str:
+def row_location(row: int) -> str:
     # data row 0 is on line 2 of the file (line 1 is the header)
     return f"row {row} (line {row + 2})"
 
@@ -104,20 +100,21 @@ def load_train_table(cfg: DataConfig, csv_path: str | os.PathLike | None = None,
     missing = [f"column '{col}' (data.{role}_column) is missing" for role, col in wanted.items() if col not in raw]
     if missing:
         missing.append(f"the file has columns: {', '.join(map(repr, raw.columns))}")
-        _raise_problems(path, missing)
+        raise_problems(path, missing)
     if raw.empty:
         raise DataValidationError(f"{path}: no data rows")
 
     problems = []
     for role, col in wanted.items():
         blank = raw[col].str.strip() == ""
-        problems += [f"{_where(i)}, column '{col}': empty {role}" for i in np.flatnonzero(blank.to_numpy())]
+        problems += [f"{row_location(i)}, column '{col}': empty {role}" for i in np.flatnonzero(blank.to_numpy())]
     id_col = cfg.id_column or cfg.image_column
     dup = raw[id_col].duplicated(keep="first") & (raw[id_col].str.strip() != "")
     problems += [
-        f"{_where(i)}, column '{id_col}': duplicate id {raw[id_col].iat[i]!r}" for i in np.flatnonzero(dup.to_numpy())
+        f"{row_location(i)}, column '{id_col}': duplicate id {raw[id_col].iat[i]!r}"
+        for i in np.flatnonzero(dup.to_numpy())
     ]
-    _raise_problems(path, problems)
+    raise_problems(path, problems)
 
     df = pd.DataFrame(
         {
@@ -175,11 +172,11 @@ def check_image_files(
     """
     images = df[IMAGE].astype(str).tolist()
     outside = [
-        f"{_where(i)}, column '{column}': path {p!r} points outside the data directory {root}"
+        f"{row_location(i)}, column '{column}': path {p!r} points outside the data directory {root}"
         for i, p in enumerate(images)
         if _outside(p)
     ]
-    _raise_problems(source, outside)
+    raise_problems(source, outside)
     no_rows = np.zeros(0, dtype=np.int64)
     if mode == "none":
         return no_rows
@@ -202,7 +199,7 @@ def check_image_files(
     if skip_bad:
         bad = np.array([i for i, msg in enumerate(results) if msg and msg.startswith("cannot decode")], np.int64)
         if len(bad):
-            shown = "; ".join(f"{_where(i)}: {paths[i]}" for i in bad[:5])
+            shown = "; ".join(f"{row_location(i)}: {paths[i]}" for i in bad[:5])
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             log.warning(
                 "%s: %d of %d images cannot be decoded and are skipped (data.skip_bad_images=true): %s%s",
@@ -214,8 +211,8 @@ def check_image_files(
             )
         skipped = set(bad.tolist())
         results = [None if i in skipped else msg for i, msg in enumerate(results)]
-    problems = [f"{_where(i)}, column '{column}': {msg}: {paths[i]}" for i, msg in enumerate(results) if msg]
+    problems = [f"{row_location(i)}, column '{column}': {msg}: {paths[i]}" for i, msg in enumerate(results) if msg]
     undecodable = any(msg and msg.startswith("cannot decode") for msg in results)
     hint = "fix or remove the images that cannot be decoded, or set data.skip_bad_images=true to leave them out"
-    _raise_problems(source, problems, hint=hint if undecodable else "")
+    raise_problems(source, problems, hint=hint if undecodable else "")
     return bad

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcfold.config import ExperimentConfig, ModelConfig, config_from_dict, config_to_dict
-from arcfold.io import CorruptFileError, load_torch, unsafe_pickle_error
+from arcfold.errors import CorruptFileError
+from arcfold.io import load_torch, unsafe_pickle_error
 from arcfold.models.necks import build_neck
 from arcfold.models.pooling import build_pool
 
@@ -31,27 +32,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "FULL_FIT",
     "EmbeddingModel",
     "build_model",
     "embedding_checkpoint",
-    "fold_name",
     "load_embedding_model",
 ]
 
 CHECKPOINT_FORMAT = "arcfold.embedding/1"
-# the "fold" of the full-data fit: one model trained on every row of every fold (never the test split), no
-# validation; its checkpoint is models/<experiment>/full.pt, in the format of fold<K>.pt with "fold": "full"
-FULL_FIT = "full"
-
-
-def fold_name(fold: int | str) -> str:
-    """The file stem of a fold's artifacts: ``fold<K>`` for fold K, ``full`` for the full-data fit.
-
-    >>> fold_name(2), fold_name(FULL_FIT)
-    ('fold2', 'full')
-    """
-    return FULL_FIT if fold == FULL_FIT else f"fold{int(fold)}"
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:

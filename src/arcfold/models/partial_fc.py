@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcfold import distributed
-from arcfold.models.heads import arcface_logits, classification_loss, cosface_logits
+from arcfold.models.margins import arcface_logits, classification_loss, cosface_logits
 
 __all__ = ["SHARDED_KINDS", "ShardedMarginHead", "distributed_cross_entropy", "shard_range"]
 

@@ -1,0 +1,40 @@
+"""Logging set-up: the console format of every stage, and a run's log file (``train.log``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["attach_file_log", "detach_file_log", "setup_logging"]
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def attach_file_log(path: Path) -> logging.Handler:
+    """Send arcfold's log records to ``path`` (appended: a resumed run continues the log of the killed one).
+
+    The file gets INFO records even when nobody configured logging (``train_fold`` called from a notebook):
+    the ``arcfold`` logger is lowered to INFO while the handler is attached, and restored by
+    :func:`detach_file_log`; with no other handler configured, the console still shows warnings only.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logger = logging.getLogger("arcfold")
+    handler.previous_level = logger.level  # type: ignore[attr-defined]
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler
+
+
+def detach_file_log(handler: logging.Handler) -> None:
+    logger = logging.getLogger("arcfold")
+    logger.removeHandler(handler)
+    logger.setLevel(handler.previous_level)  # type: ignore[attr-defined]
+    handler.close()

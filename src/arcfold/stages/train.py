@@ -1,0 +1,43 @@
+"""Train stage: one fold of one experiment, validated every epoch; the last (or the best) epoch kept.
+
+The CLI of :mod:`arcfold.training.fold` (whose docstring lists the files, the resume rules and the multi-process run)::
+
+    python -m arcfold train --config configs/glyphs_arcface.yaml --fold 0 [key=value ...]
+    python -m arcfold train --config configs/glyphs_arcface.yaml --fold 0..4,full    # the folds, then the full fit
+    torchrun --standalone --nproc_per_node 2 -m arcfold train --config ... --fold 0 [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from arcfold.artifacts import parse_folds
+from arcfold.logs import setup_logging
+from arcfold.stages.cli import add_config_args, config_from_args
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="arcfold train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fold", "-f", required=True, help="fold index, A..B or A,B,C; full: the full-data fit")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    from arcfold.errors import CorruptFileError, NonFiniteLossError
+    from arcfold.training.fold import train_fold
+
+    setup_logging()
+    try:
+        folds = parse_folds(args.fold)
+    except ValueError as e:
+        parser.error(str(e))
+    cfg = config_from_args(args)
+    for fold in folds:
+        try:
+            train_fold(cfg, fold)
+        except NonFiniteLossError:  # logged by train_fold, with the checkpoint it keeps: exit 2, no traceback
+            raise SystemExit(2) from None
+        except CorruptFileError as e:  # a clear line naming the file and exit 2, not a traceback
+            log.error("%s", e)
+            raise SystemExit(2) from None
