@@ -5,13 +5,13 @@ classes of 1..15 items, so some singletons) with the same leave-one-out protocol
 
 * arcfold: ``retrieval_metrics(x, labels, ks=(1, 10))`` (chunked exact torch matmul + top-k; memory bounded by a
   ~256 MiB (chunk, N) block).
-* PML: ``AccuracyCalculator(include=("precision_at_1", "meanaverage_precision_at_r"), k="max_bin_count")``
+* PML: ``AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count")``
   ``.get_accuracy(x, labels, reference=x, reference_labels=labels, ref_includes_query=True)`` with its default
   ``FaissKNN`` given ``index_init_fn=faiss.IndexFlatIP``, so both rank by the same inner product (PML's default
   ``IndexFlatL2`` gives the same order on unit vectors up to float rounding, which flips a few near-ties and moves
   MAP@R by ~5e-7 at 20k x 512), on the CPU.
 
-Definitions compared: PML's ``precision_at_1`` is Recall@1 (top-1 hit rate); its ``meanaverage_precision_at_r``
+Definitions compared: PML's ``precision_at_1`` is Recall@1 (top-1 hit rate); its ``mean_average_precision_at_r``
 is MAP@R. PML has no hit-rate Recall@K for K > 1 (its ``mean_average_precision`` is MAP@k and ``r_precision`` is
 R-precision), so only Recall@1 and MAP@R are compared; ours also reports Recall@10. Singletons: both drop a query
 whose label has no other member ("lone" queries in PML) and keep it in the gallery as a distractor.
@@ -95,14 +95,14 @@ def worker(args: dict) -> dict:
         from pytorch_metric_learning.utils.inference import FaissKNN
 
         calc = AccuracyCalculator(
-            include=("precision_at_1", "meanaverage_precision_at_r"),
+            include=("precision_at_1", "mean_average_precision_at_r"),
             k="max_bin_count",
             device=torch.device("cpu"),
             knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP),
         )
         q, qy = (ref, ref_y) if sample is None else (ref[: len(sample)], ref_y[: len(sample)])
         r = calc.get_accuracy(q, qy, reference=ref, reference_labels=ref_y, ref_includes_query=True)
-        out = {"recall@1": float(r["precision_at_1"]), "map@r": float(r["meanaverage_precision_at_r"])}
+        out = {"recall@1": float(r["precision_at_1"]), "map@r": float(r["mean_average_precision_at_r"])}
     seconds = time.perf_counter() - t0
     peak = peak_rss_mib()
     if sample is not None:  # queries of the full run vs of the sample, for the linear projection
@@ -201,7 +201,7 @@ def markdown(rows: list[dict], m: dict, commands: list[str]) -> str:
         f"GPU: {NO_GPU}." if not m["cuda"] else "GPU: present (CUDA rows not implemented for this benchmark).",
         "",
         "Leave-one-out over one set, L2-normalised clustered float32 embeddings (classes of 1-15 items; singletons are",
-        "distractors, not queries, in both). PML: `include=('precision_at_1', 'meanaverage_precision_at_r')`,",
+        "distractors, not queries, in both). PML: `include=('precision_at_1', 'mean_average_precision_at_r')`,",
         "`k='max_bin_count'`, `reference=x, ref_includes_query=True`, ",
         "`FaissKNN(index_init_fn=faiss.IndexFlatIP)` on the CPU (same inner product as ours; its default IndexFlatL2",
         "flips float near-ties, ~5e-7 on MAP@R).",

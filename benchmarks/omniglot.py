@@ -95,11 +95,11 @@ def pml_check(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """pytorch-metric-learning's AccuracyCalculator on the same embeddings: the evaluator's independent check."""
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    calc = AccuracyCalculator(include=("precision_at_1", "meanaverage_precision_at_r"), k="max_bin_count")
+    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count")
     x = torch.nn.functional.normalize(torch.from_numpy(emb), dim=1)
     y = torch.from_numpy(np.unique(labels, return_inverse=True)[1])
     acc = calc.get_accuracy(x, y, x, y, ref_includes_query=True)
-    return {"recall@1": float(acc["precision_at_1"]), "map@r": float(acc["meanaverage_precision_at_r"])}
+    return {"recall@1": float(acc["precision_at_1"]), "map@r": float(acc["mean_average_precision_at_r"])}
 
 
 def reference_folds(cfg, force: bool, lr: float | None = None) -> dict:

@@ -256,7 +256,7 @@ def test_matches_pytorch_metric_learning(seed: int, n_singletons: int) -> None:
     # search and our float32 inner products must produce identical rankings.
     assert min_top_gap(x, y, 10) > 1e-6
     calc = pml.AccuracyCalculator(
-        include=("precision_at_1", "meanaverage_precision_at_r"), k="max_bin_count", device=torch.device("cpu")
+        include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count", device=torch.device("cpu")
     )
     ref = calc.get_accuracy(query=x, reference=x, query_labels=y, reference_labels=y, ref_includes_query=True)
     ours = retrieval_metrics(x, y)
@@ -264,7 +264,7 @@ def test_matches_pytorch_metric_learning(seed: int, n_singletons: int) -> None:
     assert ours["n_queries"] == len(y) - n_singletons
     assert 0.5 < ours["recall@1"] < 0.95 and 0.3 < ours["map@r"] < 0.8  # non-trivial regime
     assert ours["recall@1"] == pytest.approx(ref["precision_at_1"], abs=1e-6)
-    assert ours["map@r"] == pytest.approx(ref["meanaverage_precision_at_r"], abs=1e-6)
+    assert ours["map@r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-6)
 
 
 def test_matches_brute_force_on_continuous_data() -> None:

@@ -112,7 +112,7 @@ def test_data_set_generation_and_fold_file_are_made_once(tmp_path, monkeypatch):
         time.sleep(0.5)
         return real_write_folds(*args, **kwargs)
 
-    monkeypatch.setattr(arcfold.data.glyphs, "generate_glyphs", slow_generate)
+    monkeypatch.setattr(arcfold.datasets.glyphs, "generate_glyphs", slow_generate)
     monkeypatch.setattr(arcfold.data.folds, "write_folds", slow_write_folds)
     data = tmp_path / "input" / "mini"
     cfg = load_config(None, [*mini_overrides(tmp_path), "data.check_images=exists"])
