@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,16 +98,29 @@ def test_checkpoint_alone_reproduces_the_oof_embeddings(finished_fold0, glyphs_i
     assert ckpt["epoch"] == json.loads((tmp_path / "oof" / "tiny" / "fold0.json").read_text())["best_epoch"]
 
 
-def test_finished_fold_is_not_overwritten_without_force(finished_fold0, glyphs_input):
-    tmp_path, _ = finished_fold0
-    before = (tmp_path / "oof" / "tiny" / "fold0.npz").read_bytes()
-    result = _run(_command(tmp_path, glyphs_input, "0", "train.epochs=2"))
-    assert result.returncode == 2
-    assert "is finished" in result.stderr and "train.force=true" in result.stderr
-    assert (tmp_path / "oof" / "tiny" / "fold0.npz").read_bytes() == before
-    # resume=true on a finished fold: nothing to do, success
+def test_a_finished_fold_is_skipped_the_next_trains_and_a_variant_is_refused(finished_fold0, glyphs_input, tmp_path):
+    """The usual flow, "train fold 0, look, then run 0..1": fold 0 is skipped with a line saying so (its files
+    untouched) and fold 1 trains. A run whose overrides change the result is refused in this experiment's folders,
+    naming the difference and a name to use, for a finished fold and for one not trained yet."""
+    shutil.copytree(finished_fold0[0], tmp_path, dirs_exist_ok=True)
+    oof = tmp_path / "oof" / "tiny"
+    before = (oof / "fold0.npz").read_bytes()
+    result = _run(_command(tmp_path, glyphs_input, "0..1", "train.epochs=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fold 0 of 'tiny' is finished" in result.stderr and "skipped (train.force=true retrains it)" in result.stderr
+    assert (oof / "fold0.npz").read_bytes() == before and (oof / "fold1.npz").is_file()
+    assert pd.read_csv(oof / "scores.csv")["fold"].astype(str).tolist()[:2] == ["0", "1"]
+    for fold, override, name in [
+        ("0", "train.epochs=3", "name=tiny_epochs3"),
+        ("2", "head.name=cosface", "tiny_cosface"),
+    ]:
+        result = _run(_command(tmp_path, glyphs_input, fold, "train.epochs=2", override))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert "experiment 'tiny' was trained with another config" in result.stderr and name in result.stderr
+    assert (oof / "fold0.npz").read_bytes() == before and not (oof / "fold2.npz").exists()
+    # resume=true on a finished fold: nothing to do either
     result = _run(_command(tmp_path, glyphs_input, "0", "train.epochs=2", "train.resume=true"))
-    assert result.returncode == 0 and "already finished" in result.stderr
+    assert result.returncode == 0 and "skipped" in result.stderr
 
 
 def test_killed_run_resumes_from_its_last_epoch(tmp_path, glyphs_input):

@@ -53,7 +53,7 @@ from arcfold.training.init_from import init_weights_from, load_init_checkpoint
 from arcfold.training.loop import build_train_collate, train_one_epoch
 from arcfold.training.paths import FoldPaths, check_fold_state, remove_work_files
 from arcfold.training.schedule import build_optimizer, build_scheduler
-from arcfold.training.state import TRAIN_STATE_FORMAT, load_resume_point
+from arcfold.training.state import TRAIN_STATE_FORMAT, check_same_experiment, load_resume_point
 from arcfold.training.step import NonFiniteGuard, OptimizerStep
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,12 @@ def train_fold(
         def claim() -> tuple[str, dict[str, Any] | None]:  # rank 0 only: the lock, the state, the cleanup
             # one process per fold: a second train of the same fold (two terminals, a re-queued job) is refused
             stack.enter_context(file_lock(paths.lock, blocking=False, what=f"{paths.what} of experiment '{cfg.name}'"))
+            # a variant (overrides that change the result) never writes into, or skips as done, another's folders
+            check_same_experiment(cfg, paths.config, cfg.train.force)
             state = check_fold_state(paths, cfg.train.resume, cfg.train.force)
             if state == "done":
                 what, done = paths.what, paths.done
-                log.info("%s of '%s' is already finished: %s (train.force=true retrains it)", what, cfg.name, done)
+                log.info("%s of '%s' is finished (%s): skipped (train.force=true retrains it)", what, cfg.name, done)
                 remove_work_files(paths)  # left by a kill between writing the OOF file and cleaning up
                 return state, load_json(paths.scores, hint="Retrain the fold with train.force=true.")
             if state == "fresh" and paths.work.exists():

@@ -47,16 +47,10 @@ class FoldPaths:
 
 
 def check_fold_state(paths: FoldPaths, resume: bool, force: bool) -> str:
-    """'done' (finished, nothing to do), 'resume', or 'fresh'. Refuses to lose work silently."""
+    """'done' (finished: skipped, so ``train_fold.sh 0..4`` after fold 0 trains folds 1..4), 'resume', or 'fresh'
+    (``force`` retrains a finished fold). Refuses to lose work silently: an unfinished run needs resume or force."""
     if paths.done.exists():
-        if force:
-            return "fresh"
-        if resume:
-            return "done"
-        raise ArtifactExistsError(
-            f"{paths.what} of experiment '{paths.cfg.name}' is finished ({paths.done}); "
-            "pass train.force=true to train it again and overwrite it"
-        )
+        return "fresh" if force else "done"
     if paths.last.exists():
         if resume:
             return "resume"
