@@ -68,8 +68,25 @@ if [[ -n ${NPROC_PER_NODE:-} || -n ${NNODES:-} ]]; then
   fi
 fi
 
+# whole-run progress: after each fold, how long it took and about how long the rest will (the mean of the folds
+# trained so far; skipped ones, already finished, do not count)
+report=$(mktemp "${TMPDIR:-/tmp}/arcfold-run.XXXXXX")
+trap 'rm -f "$report"' EXIT
+export ARCFOLD_RUN_REPORT=$report
+hms() { printf '%dm %02ds' $(($1 / 60)) $(($1 % 60)); }
+n_runs=${#folds[@]} i=0 trained_s=0 n_trained=0
 for fold in "${folds[@]}"; do
+  i=$((i + 1))
   "${launch[@]}" -m arcfold train --config "$config" --fold "$fold" "$@"
+  read -r _ status took < <(tail -n 1 "$report") || { status=trained; took=0; }
+  if [[ $status == trained ]]; then trained_s=$((trained_s + took)); n_trained=$((n_trained + 1)); fi
+  left=$((n_runs - i))
+  if ((left > 0 && n_trained > 0)); then
+    eta="$left left, about $(hms $((trained_s / n_trained * left)))"
+  else
+    eta="$left left"
+  fi
+  echo "train_fold.sh: fold $fold $status in $(hms "$took") ($i of $n_runs); $eta" >&2
 done
 if ((n_folds > 0)); then
   "$PY" -m arcfold score --config "$config" "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,6 +110,9 @@ def test_a_finished_fold_is_skipped_the_next_trains_and_a_variant_is_refused(fin
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fold 0 of 'tiny' is finished" in result.stderr and "skipped (train.force=true retrains it)" in result.stderr
     assert (oof / "fold0.npz").read_bytes() == before and (oof / "fold1.npz").is_file()
+    # the whole-run progress lines of train_fold.sh (a skipped fold does not count towards the estimate)
+    assert "train_fold.sh: fold 0 skipped in 0m" in result.stderr and "(1 of 2); 1 left\n" in result.stderr
+    assert re.search(r"train_fold.sh: fold 1 trained in \d+m \d\ds \(2 of 2\); 0 left", result.stderr)
     assert pd.read_csv(oof / "scores.csv")["fold"].astype(str).tolist()[:2] == ["0", "1"]
     for fold, override, name in [
         ("0", "train.epochs=3", "name=tiny_epochs3"),

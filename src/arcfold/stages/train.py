@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import time
 
 from arcfold.artifacts import parse_folds
 from arcfold.logs import setup_logging
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from arcfold.errors import CorruptFileError, NonFiniteLossError
     from arcfold.training.fold import train_fold
+    from arcfold.training.paths import FoldPaths
 
     setup_logging()
     try:
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     cfg = config_from_args(args)
     for fold in folds:
+        started, skipped = time.time(), FoldPaths(cfg, fold).done.exists() and not cfg.train.force
         try:
             train_fold(cfg, fold)
         except NonFiniteLossError:  # logged by train_fold, with the checkpoint it keeps: exit 2, no traceback
@@ -41,3 +45,13 @@ def main(argv: list[str] | None = None) -> None:
         except CorruptFileError as e:  # a clear line naming the file and exit 2, not a traceback
             log.error("%s", e)
             raise SystemExit(2) from None
+        _report(fold, "skipped" if skipped else "trained", time.time() - started)
+
+
+def _report(fold: int | str, status: str, seconds: float) -> None:
+    """One line per fold for ``train_fold.sh``'s whole-run ETA, appended to the file ``$ARCFOLD_RUN_REPORT`` when set
+    (rank 0 only under torchrun): ``<fold> <trained|skipped> <seconds>``."""
+    path = os.environ.get("ARCFOLD_RUN_REPORT")
+    if path and os.environ.get("RANK", "0") == "0":
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{fold} {status} {seconds:.0f}\n")
