@@ -59,7 +59,10 @@ class DataConfig:
     image_size: int = 64
     augment: str = "light"  # preset name, see arcfold.data.transforms.AUGMENT_PRESETS
     hflip: float = 0.0  # horizontal-flip probability; 0 for characters (a flip changes them), ~0.5 for objects
-    cache_images: bool = True  # decode + resize once into RAM (small/medium data sets); off: each epoch, same pixels
+    # decode + resize every image once into RAM as uint8: N x S x S x 3 bytes for N images at S = image_size (64 px:
+    # 12 KB an image; 1.6M images at 224 px: 240 GB), in every process of a torchrun run. Turn it off when that does
+    # not fit comfortably in RAM: images are then decoded each epoch (slower on few CPUs), to the same pixels
+    cache_images: bool = True
     num_workers: int = 0  # DataLoader workers; 0 = in-process (best on 2 cores with the cache); never changes results
     check_images: str = "decode"  # before training: "decode" every image, only check it "exists", or "none"
     # true: images that cannot be decoded are left out of training and validation, and counted (fold JSON,
@@ -198,7 +201,9 @@ class TrainConfig:
     full_epochs: int = 0
     resume: bool = False  # continue an interrupted fold from its last checkpoint
     force: bool = False  # overwrite a finished fold's OOF and weights
-    progress: bool = True  # tqdm bars
+    # tqdm bars (image check and caching, each epoch's batches, validation; the main process only). false for logs
+    # that are files (nohup, a Kaggle commit, CI), where each refresh adds a line; never changes a result
+    progress: bool = True
     # several processes (torchrun): batch_size is the GLOBAL batch of an optimizer step (before accumulation),
     # split evenly over the ranks. sync_bn: SyncBatchNorm, batch statistics over the global batch (CUDA only)
     sync_bn: bool = False

@@ -5,7 +5,9 @@ goes through :func:`atomic_path`: the data is written to a temporary file in the
 then ``os.replace``-d over the target, so a crash or a kill leaves either the old file or the new one,
 never a half-written file that a later stage would read as complete. A kill can leave the temporary
 file behind (``.<name>.<random>.<suffix>.tmp``); nothing ever reads those, and the train stage removes
-its own when it starts again.
+its own when it starts again. The file gets the mode a plain ``open()`` would give it (``0o666 & ~umask``, e.g.
+0644 under umask 022), not ``mkstemp``'s private 0600: :func:`current_umask` reads the umask without changing it
+(``/proc/self/status``), so no other thread ever sees a different one.
 
 The loaders (:func:`load_npz`, :func:`load_json`, :func:`load_torch`) turn a truncated or corrupt file
 into a :class:`CorruptFileError` that names the file and says how to remake it; :func:`load_torch`
@@ -30,6 +32,7 @@ import os
 import re
 import signal
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "atomic_path",
+    "current_umask",
     "fault_point",
     "file_lock",
     "load_json",
@@ -85,12 +89,38 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# --------------------------------------------------------------------------------------------
+# atomic writes
+
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux >= 4.7: ``/proc/self/status``).
+
+    Elsewhere it falls back to ``os.umask`` set and restored at once: for that instant a file another thread creates
+    gets the stricter 0o077, never a looser mode (a lock keeps two such reads from restoring each other's 0o077).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
 
     ``suffix`` defaults to the target's own suffix, because some writers (``np.savez``) append
-    their extension to names that lack it.
+    their extension to names that lack it. The file gets the mode ``open()`` would give it, ``0o666 & ~umask``.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +130,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the writers keep the file's mode
         yield tmp
         # flush the file's data to disk before the rename makes it visible
         with open(tmp, "rb+") as f:

@@ -1,4 +1,9 @@
-"""Logging set-up: the console format of every stage, and a run's log file (``train.log``)."""
+"""Logging set-up: the console format of every stage, and a run's log file (``train.log``).
+
+:func:`quiet_loaders` keeps the import-time chatter of libraries below WARNING: faiss's loader logs six INFO lines
+on every import, one of them ``ModuleNotFoundError(... swigfaiss_avx512)`` (it tries its AVX-512 build first and
+falls back), which reads like a failure in an inference or notebook log. Their warnings and errors still show.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,24 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["attach_file_log", "detach_file_log", "setup_logging"]
+__all__ = ["QUIET_LOGGERS", "attach_file_log", "detach_file_log", "quiet_loaders", "setup_logging"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+QUIET_LOGGERS: tuple[str, ...] = ("faiss.loader",)  # shown from WARNING up, whatever the console level
+
+
+def quiet_loaders() -> None:
+    """Raise :data:`QUIET_LOGGERS` to WARNING, unless someone already gave them a level of their own."""
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
+    quiet_loaders()
 
 
 def attach_file_log(path: Path) -> logging.Handler:

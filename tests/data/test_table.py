@@ -84,3 +84,13 @@ def test_missing_csv_and_no_group_column(tmp_path):
     cfg.group_column = None
     df = load_train_table(cfg)
     assert df["group"].tolist() == df["label"].tolist()  # no super-class: group by class
+
+
+def test_the_table_check_accepts_16bit_and_transparent_pngs(tmp_path):
+    root = tmp_path / "input" / "mini"
+    root.mkdir(parents=True)
+    Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(root / "a.png")
+    Image.fromarray(np.dstack([np.zeros((2, 2), np.uint8), np.eye(2, dtype=np.uint8) * 255]), "LA").save(root / "b.png")
+    (root / "train.csv").write_text("image,label\na.png,x\nb.png,y\n")
+    cfg = DataConfig(dataset="mini", input_dir=str(tmp_path / "input"), group_column=None)
+    assert load_train_table(cfg)["image"].tolist() == ["a.png", "b.png"]

@@ -594,6 +594,58 @@ def test_kaggle_notebook_runs_headless(trained, glyphs_input, tmp_path) -> None:
     assert f"{len(truth)} rows" in printed
 
 
+_FAKE_INFERENCE = """import sys, time
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+print("first line, then a wait")  # stdout, a pipe: shown before the exit only when the child is unbuffered
+marker, deadline = Path(args["marker"]), time.time() + 20
+while not marker.exists() and time.time() < deadline:
+    time.sleep(0.05)
+print("seen live" if marker.exists() else "not shown while running", file=sys.stderr)
+sys.exit(int(args["exit"]))
+"""
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_kaggle_notebook_streams_the_log_live_and_fails_on_an_error(tmp_path, exit_code: int) -> None:
+    """The notebook's run cell shows inference.py's output while it runs (a stand-in inference.py waits until the
+    notebook has shown its first line, which the test's client marks), and a non-zero exit stops it naming the code."""
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    code, marker = tmp_path / "code", tmp_path / "first-line-shown"
+    code.mkdir()
+    (code / "inference.py").write_text(_FAKE_INFERENCE)
+
+    class MarkingClient(nbclient.NotebookClient):
+        def output(self, outs, msg, display_id, cell_index):
+            if msg["msg_type"] == "stream" and "first line" in msg["content"]["text"]:
+                marker.touch()
+            return super().output(outs, msg, display_id, cell_index)
+
+    notebook = nbformat.read(REPO / "notebooks" / "kaggle_inference.ipynb", as_version=4)
+    notebook.cells = notebook.cells[:3]  # up to the run cell (no submission to read)
+    env = {
+        "ARCFOLD_CODE_DIR": str(code),
+        "ARCFOLD_OUT_DIR": str(tmp_path / "out"),
+        "ARCFOLD_OVERRIDES": f"marker={marker} exit={exit_code}",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits the environment
+    try:
+        client = MarkingClient(notebook, timeout=120, kernel_name="python3")
+        if exit_code:
+            with pytest.raises(nbclient.exceptions.CellExecutionError, match="exit code 3"):
+                client.execute()
+        else:
+            client.execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    printed = "".join(o.get("text", "") for o in notebook.cells[2]["outputs"] if o["output_type"] == "stream")
+    assert "first line, then a wait" in printed and "seen live" in printed, printed
+
+
 def test_an_undecodable_image_is_named(trained, glyphs_input, tmp_path) -> None:
     from arcfold.errors import DataValidationError
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import doctest
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +287,31 @@ def test_torch_cuda_matches_cpu(random_data) -> None:
 def test_doctests() -> None:
     result = doctest.testmod(arcfold.retrieval.search, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# logging: faiss's loader stays quiet below WARNING
+
+
+@needs_faiss
+@pytest.mark.parametrize(
+    "configure", ["from arcfold.logs import setup_logging; setup_logging()", "logging.basicConfig(level=logging.INFO)"]
+)
+def test_faiss_loader_info_lines_are_silenced_but_its_warnings_show(configure: str) -> None:
+    """A stage (setup_logging) or a notebook that logs at INFO itself: importing search and searching with faiss
+    prints none of faiss's six loader lines (one a ModuleNotFoundError), while a faiss.loader warning still shows."""
+    code = f"""
+import logging
+{configure}
+import numpy as np
+from arcfold.retrieval.search import search
+x = np.eye(4, dtype=np.float32)
+print(search(x, x, 1, backend="faiss", device="cpu")[1].ravel().tolist())
+logging.getLogger("faiss.loader").warning("a real faiss warning")
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(arcfold.retrieval.search.__file__).parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=True)
+    assert out.stdout.strip() == "[0, 1, 2, 3]"
+    assert "a real faiss warning" in out.stderr
+    assert [line for line in out.stderr.splitlines() if "faiss.loader" in line and "WARNING" not in line] == []
+    assert "ModuleNotFoundError" not in out.stderr

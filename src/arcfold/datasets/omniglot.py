@@ -4,6 +4,10 @@ The reduced background sets ``images_background_small1.zip`` and ``images_backgr
 share two alphabets (Greek, Latin) byte for byte; each drawing is kept once, so the union is
 8 alphabets, 242 characters, 4,840 images. ``label`` = ``<alphabet>/<character>`` (an instance
 class), ``group`` = ``<alphabet>`` (the super-class, as SOP's ``super_class_id``).
+
+The two zips are ``python/images_background_small1.zip`` and ``python/images_background_small2.zip`` of the public
+repository https://github.com/brendenlake/omniglot (MIT licence); ``python -m arcfold prepare omniglot --source DIR``
+unpacks them from ``DIR`` (default ``../shared/data/omniglot``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ def prepare_omniglot(source: str | Path = DEFAULT_OMNIGLOT_SOURCE, out_dir: str 
     source, out_dir = Path(source), Path(out_dir)
     missing = [z for z in ZIPS if not (source / z).is_file()]
     if missing:
-        raise FileNotFoundError(f"Omniglot zips not found in {source}: {', '.join(missing)}")
+        raise FileNotFoundError(
+            f"Omniglot zips not found in {source}: {', '.join(missing)}. They are python/{ZIPS[0]} and "
+            f"python/{ZIPS[1]} of https://github.com/brendenlake/omniglot (MIT licence): download them into a "
+            "folder and run python -m arcfold prepare omniglot --source FOLDER"
+        )
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     rows, seen = [], {}

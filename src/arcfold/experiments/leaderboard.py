@@ -40,7 +40,10 @@ a CSV and a markdown file of different moments, nor an older table over a newer 
 
 CLI::
 
-    python -m arcfold leaderboard [--oof-dir oof] [--sort recall@1] [--exclude 'tune_*'] [--no-blends]
+    python -m arcfold leaderboard [--oof-dir oof] [--sort recall@1] [--exclude 'STUDY_t[0-9]*'] [--no-blends]
+
+``--exclude`` takes shell patterns (:mod:`fnmatch`) of experiment names, e.g. ``'glyphs_arcface_t[0-9]*'`` for the
+trials of the tune study ``glyphs_arcface`` (trial experiments are ``<study>_t<N>``).
 """
 
 from __future__ import annotations

@@ -65,9 +65,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from arcfold.logs import quiet_loaders
 from arcfold.retrieval.metrics import knn
 
 log = logging.getLogger(__name__)
+quiet_loaders()  # before faiss is first imported (below, where it is used): its loader's INFO lines are noise
 
 __all__ = [
     "BACKENDS",

@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="arcfold prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=BUILTIN)
     parser.add_argument("--out", default=None, help="output folder (default input/<dataset>)")
-    parser.add_argument("--source", default=None, help="omniglot: folder holding the two zips")
+    parser.add_argument(
+        "--source", default=None, help="omniglot: folder of images_background_small{1,2}.zip (brendenlake/omniglot)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="glyphs: generator seed")
     parser.add_argument("--force", action="store_true", help="regenerate even if present")
     args = parser.parse_args(argv)

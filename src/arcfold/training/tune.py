@@ -43,8 +43,12 @@ config's: training it would be refused as finished, or with ``train.force=true``
 
 CLI::
 
-    python -m arcfold tune --config configs/glyphs_arcface.yaml --space configs/tune/glyphs.yaml \\
+    python -m arcfold tune --config configs/glyphs_arcface.yaml --space configs/tune/glyphs_arcface.yaml \\
         --trials 20 --folds 0 [--metric recall@1] [--study NAME] [key=value ...]
+
+The study is named after the space file unless ``--study`` says otherwise (``glyphs_arcface`` here), so its trials
+are ``glyphs_arcface_t0``, ``glyphs_arcface_t1``, ...: ``python -m arcfold leaderboard --exclude
+'glyphs_arcface_t[0-9]*'`` hides them.
 """
 
 from __future__ import annotations
