@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from arcfold.errors import CorruptFileError, NonFiniteLossError
     from arcfold.training.fold import train_fold
+    from arcfold.training.paths import check_fold_index
 
     setup_logging()
     try:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(str(e))
     cfg = config_from_args(args)
+    for fold in folds:  # every fold of the spec exists, before the first one trains
+        check_fold_index(cfg, fold)
     for fold in folds:
         try:
             train_fold(cfg, fold)

@@ -30,7 +30,7 @@ from arcfold.data.table import FOLD, LABEL, check_image_files, image_root, resol
 from arcfold.data.transforms import build_eval_transform, build_train_transform
 from arcfold.datasets.prepare import ensure_dataset
 from arcfold.distributed import DistContext, dist_context, gather_rows, on_rank0, process_group, shard_range
-from arcfold.errors import ArtifactExistsError, DataValidationError, NonFiniteLossError
+from arcfold.errors import ArtifactExistsError, ConfigError, DataValidationError, NonFiniteLossError
 from arcfold.inference.embed import extract_embeddings
 from arcfold.io import fault_point, file_lock, load_json, remove_stale_temp_files, save_npz, save_torch
 from arcfold.logs import attach_file_log, detach_file_log
@@ -51,7 +51,7 @@ from arcfold.training.ema import build_ema
 from arcfold.training.finalize import finalize_fold, finalize_full, full_fit_epochs, save_history
 from arcfold.training.init_from import init_weights_from, load_init_checkpoint
 from arcfold.training.loop import build_train_collate, train_one_epoch
-from arcfold.training.paths import FoldPaths, check_fold_state, remove_work_files
+from arcfold.training.paths import FoldPaths, check_fold_index, check_fold_state, remove_work_files
 from arcfold.training.schedule import build_optimizer, build_scheduler
 from arcfold.training.state import TRAIN_STATE_FORMAT, load_resume_point
 from arcfold.training.step import NonFiniteGuard, OptimizerStep
@@ -73,6 +73,7 @@ def train_fold(
     losses, Recall@K, MAP@R), once the epoch's files are written and before its resume point is: an
     exception there (e.g. optuna's ``TrialPruned``) stops the fold and a resume replays that epoch.
     """
+    check_fold_index(cfg, fold)  # before the lock, the log and the data: a typo leaves nothing behind
     paths = FoldPaths(cfg, fold)
     ctx = dist_context()  # several processes under torchrun; one otherwise
     device = training_device(cfg.train.device, ctx) if ctx.enabled else None
@@ -201,7 +202,7 @@ class _FoldRun:
         folds_df = folds_df[folds_df[FOLD] != TEST_FOLD].reset_index(drop=True)  # the test split: never trained on
         n_splits = int(folds_df[FOLD].max()) + 1
         if not paths.full and not 0 <= fold < n_splits:
-            raise ValueError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")
+            raise ConfigError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")
         folds_sha256 = file_sha256(folds_path)
         self.init = None  # model.init_from on a fresh fold (a resumed one continues from last.pt): before the data
         if ckpt is None and cfg.model.init_from:

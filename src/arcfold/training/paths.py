@@ -6,9 +6,9 @@ from pathlib import Path
 
 from arcfold.artifacts import FULL_FIT, fold_name
 from arcfold.config import ExperimentConfig
-from arcfold.errors import ArtifactExistsError
+from arcfold.errors import ArtifactExistsError, ConfigError
 
-__all__ = ["FoldPaths", "check_fold_state", "remove_work_files"]
+__all__ = ["FoldPaths", "check_fold_index", "check_fold_state", "remove_work_files"]
 
 
 class FoldPaths:
@@ -44,6 +44,17 @@ class FoldPaths:
         for p in [*self.work.glob("best_e*.pt"), *self.work.glob("best_oof_e*.npz")]:
             if p.name not in keep:
                 p.unlink(missing_ok=True)
+
+
+def check_fold_index(cfg: ExperimentConfig, fold: int | str) -> None:
+    """Refuse a fold that the experiment cannot have (``folds.n_splits`` makes folds 0..n_splits-1), before any of
+    its files (lock, log) or the data are made; the fold file's real fold count is checked again once it is read."""
+    n_splits = cfg.folds.n_splits
+    if fold != FULL_FIT and not 0 <= int(fold) < n_splits:
+        raise ConfigError(
+            f"fold {fold} does not exist: experiment '{cfg.name}' has folds 0..{n_splits - 1} "
+            f"(folds.n_splits={n_splits}); train them with --fold 0..{n_splits - 1}, the full-data fit with --fold full"
+        )
 
 
 def check_fold_state(paths: FoldPaths, resume: bool, force: bool) -> str:
