@@ -16,6 +16,7 @@ __all__ = [
     "LockedError",
     "NonFiniteLossError",
     "RerankError",
+    "RunInterrupted",
     "SubmissionError",
     "UnsafeFileError",
 ]
@@ -59,6 +60,13 @@ class SubmissionError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """Too many training steps in a row were skipped for a non-finite loss or non-finite gradients."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a training run; the message names the last finished epoch and how to continue.
+
+    A ``KeyboardInterrupt`` still (``except Exception`` does not swallow it); the CLI prints it as one line, exit 130.
+    """
 
 
 # What a stage run reports as one line and exit 2. FileNotFoundError: a missing input the message names.

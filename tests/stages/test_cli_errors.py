@@ -4,10 +4,22 @@ never a traceback, and it leaves nothing behind that the next run trips over."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
-from ..conftest import REPO, TINY, tmp_path_overrides
+import pandas as pd
+
+import arcfold.stages.train
+import arcfold.training.fold
+from arcfold.config import load_config
+from arcfold.io import load_torch
+from arcfold.stages.cli import run_cli
+from arcfold.training.fold import train_fold
+from arcfold.training.paths import FoldPaths
+
+from ..conftest import REPO, TINY, mini_overrides, tmp_path_overrides, write_mini_dataset
 
 
 def _env() -> dict[str, str]:
@@ -35,3 +47,40 @@ def test_a_spec_reaching_past_the_last_fold_is_refused_before_the_first_fold_tra
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "fold 5 does not exist" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_training_is_one_line_exit_130_and_the_run_resumes(tmp_path):
+    write_mini_dataset(tmp_path / "input")
+    overrides = [*mini_overrides(tmp_path), "train.epochs=4"]
+    paths = FoldPaths(load_config(None, overrides), 0)
+    cmd = [sys.executable, "-m", "arcfold", "train", "--fold", "0", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not paths.last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends, once epoch 0's resume point exists
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    epoch = load_torch(paths.last)["epoch"]  # the resume point is intact
+    assert 0 <= epoch < 3 and not paths.oof.exists()
+    line = f"fold 0 of 'mini' interrupted after epoch {epoch} (the last finished); continue with train.resume=true"
+    assert [e.split(": ", 1)[1] for e in _errors(stderr)] == [line]
+
+    scores = train_fold(load_config(None, [*overrides, "train.resume=true"]), 0)
+    assert paths.oof.exists() and scores["kept_epoch"] == 3
+    assert pd.read_csv(paths.history)["epoch"].tolist() == list(range(4))
+
+
+def test_ctrl_c_before_the_first_epoch_finished_says_so(tmp_path, monkeypatch, caplog):
+    write_mini_dataset(tmp_path / "input")
+    overrides = mini_overrides(tmp_path)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(arcfold.training.fold, "train_one_epoch", ctrl_c)
+    assert run_cli(arcfold.stages.train.main, ["--fold", "0", *overrides]) == 130
+    assert caplog.messages[-1] == (
+        "fold 0 of 'mini' interrupted before the first epoch finished; continue with train.resume=true"
+    )

@@ -22,10 +22,14 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:
-    """Run a stage's ``main``; user errors (bad config, bad data, refused overwrite) exit 2 with one clear line."""
+    """Run a stage's ``main``; user errors (bad config, bad data, refused overwrite) exit 2 with one clear line, and
+    Ctrl-C exits 130 with one line (a training run's says which epoch it continues from) instead of a traceback."""
     try:
         main(argv)
     except USER_ERRORS as e:
         logging.getLogger("arcfold").error("%s", e)
         return 2
+    except KeyboardInterrupt as e:
+        logging.getLogger("arcfold").error("%s", str(e) or "interrupted (Ctrl-C)")
+        return 130
     return 0

@@ -106,10 +106,11 @@ def train_fold(
         if state == "done":
             return scores  # type: ignore[return-value]
         handler = attach_file_log(paths.log_file) if ctx.is_main else None
+        run = _FoldRun(cfg, fold, paths, ctx, device, progress=cfg.train.progress and ctx.is_main)
         try:
-            return _FoldRun(cfg, fold, paths, ctx, device, progress=cfg.train.progress and ctx.is_main).run(
-                state == "resume", on_epoch_end
-            )
+            return run.run(state == "resume", on_epoch_end)
+        except KeyboardInterrupt:  # Ctrl-C: one line naming the epoch the run continues from, not a traceback
+            raise paths.interrupted(run.last_finished) from None
         except NonFiniteLossError as e:
             kept = (
                 f"the last good checkpoint is kept: {paths.last} (resume with train.resume=true)"
@@ -160,6 +161,7 @@ class _FoldRun:
         self.ctx = ctx or DistContext()
         self.device, self.progress = device, progress
         self.sharded = cfg.head.sharded and self.ctx.enabled
+        self.last_finished: int | None = None  # the epoch of the resume point on disk (None: no epoch finished)
 
     # ---------------------------------------------------------------------------------------------------------------
     # the run
@@ -170,6 +172,7 @@ class _FoldRun:
         ckpt = None
         if resume:  # read (and check) the resume point first: a refusal should not wait for the data
             ckpt = load_resume_point(paths.last, cfg)
+            self.last_finished = ckpt["epoch"]
         self.n_epochs, self.full_epochs = cfg.train.epochs, None
         if paths.full:  # the epoch count is fixed when the full fit starts: a resume continues with it
             self.full_epochs = ckpt["full_epochs"] if ckpt is not None else full_fit_epochs(cfg)
@@ -382,6 +385,7 @@ class _FoldRun:
         self._save_resume_point(epoch)
         if ctx.enabled:
             torch.distributed.barrier()  # the epoch is done for every rank once its resume point is written
+            self.last_finished = epoch  # (rank 0 set it as soon as it wrote last.pt)
 
     def _loader(self, epoch_seed: int) -> DataLoader:
         cfg, ctx, sampler = self.cfg, self.ctx, self.sampler
@@ -483,6 +487,7 @@ class _FoldRun:
                 **({"full_epochs": self.full_epochs} if self.paths.full else {}),
             },
         )
+        self.last_finished = epoch  # at once: Ctrl-C from here on says this epoch
         self.paths.remove_best_except(self.kept["epoch"])  # the previously kept epoch's files, now superseded
 
     # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from arcfold.artifacts import FULL_FIT, fold_name
 from arcfold.config import ExperimentConfig
-from arcfold.errors import ArtifactExistsError, ConfigError
+from arcfold.errors import ArtifactExistsError, ConfigError, RunInterrupted
 
 __all__ = ["FoldPaths", "check_fold_index", "check_fold_state", "remove_work_files"]
 
@@ -38,6 +38,12 @@ class FoldPaths:
 
     def best_oof(self, epoch: int) -> Path:
         return self.work / f"best_oof_e{epoch}.npz"
+
+    def interrupted(self, last_finished: int | None) -> RunInterrupted:
+        """Ctrl-C's one line: the resume point (written atomically) holds ``last_finished``, the run continues there."""
+        done = last_finished
+        when = "before the first epoch finished" if done is None else f"after epoch {done} (the last finished)"
+        return RunInterrupted(f"{self.what} of '{self.cfg.name}' interrupted {when}; continue with train.resume=true")
 
     def remove_best_except(self, epoch: int) -> None:
         keep = {self.best(epoch).name, self.best_oof(epoch).name}
