@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "CorruptFileError",
     "DataValidationError",
+    "DiskFullError",
     "LockedError",
     "NonFiniteLossError",
     "RerankError",
@@ -36,6 +37,10 @@ class CorruptFileError(ValueError):
 
 class UnsafeFileError(CorruptFileError):
     """A file that would run code if loaded (a pickle of Python objects besides tensors and plain data): refused."""
+
+
+class DiskFullError(OSError):
+    """A file could not be written because its disk is full; the message names the file and the free space."""
 
 
 class LockedError(ArtifactExistsError):
@@ -80,4 +85,5 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RerankError,
     SubmissionError,
     NonFiniteLossError,
+    DiskFullError,
 )

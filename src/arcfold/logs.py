@@ -23,7 +23,7 @@ def attach_file_log(path: Path) -> logging.Handler:
     :func:`detach_file_log`; with no other handler configured, the console still shows warnings only.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _RunLogHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT))
     logger = logging.getLogger("arcfold")
     handler.previous_level = logger.level  # type: ignore[attr-defined]
@@ -31,6 +31,24 @@ def attach_file_log(path: Path) -> logging.Handler:
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     return handler
+
+
+class _RunLogHandler(logging.FileHandler):
+    """A run's log file. A record it cannot write (a full disk) is said once, in one line on stderr, instead of
+    logging's traceback for every record: the run goes on, and the error that stops it names the disk."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:  # noqa: N802 (logging's name)
+        if not self.failed:
+            self.failed = True
+            sys.stderr.write(f"arcfold: cannot write the log file {self.baseFilename}: {sys.exc_info()[1]}\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last records could not be flushed
+            self.handleError(None)
 
 
 def detach_file_log(handler: logging.Handler) -> None:

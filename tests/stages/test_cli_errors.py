@@ -84,3 +84,43 @@ def test_ctrl_c_before_the_first_epoch_finished_says_so(tmp_path, monkeypatch, c
     assert caplog.messages[-1] == (
         "fold 0 of 'mini' interrupted before the first epoch finished; continue with train.resume=true"
     )
+
+
+# the train stage in a fresh process whose disk fills up while epoch 1's resume point is written: torch.save raises
+# what its C++ writer raises on a full disk, and the disk reports 0 bytes free
+FULL_DISK_AT_EPOCH_1 = """
+import shutil, sys, types
+import torch
+from arcfold.__main__ import main
+
+real_save, calls = torch.save, []
+
+
+def save(obj, f, *args, **kwargs):
+    calls.append(str(f))
+    if "last.pt" in str(f) and sum("last.pt" in c for c in calls) == 2:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+shutil.disk_usage = lambda path: types.SimpleNamespace(total=2**30, used=2**30, free=0)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_during_training_is_one_line_exit_2_and_the_run_resumes(tmp_path):
+    write_mini_dataset(tmp_path / "input")
+    overrides = mini_overrides(tmp_path)
+    paths = FoldPaths(load_config(None, overrides), 0)
+    cmd = [sys.executable, "-c", FULL_DISK_AT_EPOCH_1, "train", "--fold", "0", *overrides]
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [error] = _errors(result.stderr)
+    assert f"cannot write {paths.last}: no space left on the disk (0 B free in {paths.work}); " in error
+    assert load_torch(paths.last)["epoch"] == 0  # epoch 0's resume point is intact
+    assert sorted(p.name for p in paths.work.iterdir()) == ["history.csv", "last.pt", "train.log"]  # no partial file
+
+    train_fold(load_config(None, [*overrides, "train.resume=true"]), 0)
+    assert paths.oof.exists() and pd.read_csv(paths.history)["epoch"].tolist() == [0, 1, 2]
