@@ -39,7 +39,7 @@ class _RunLogHandler(logging.FileHandler):
 
     failed = False
 
-    def handleError(self, record: logging.LogRecord | None) -> None:  # noqa: N802 (logging's name)
+    def handleError(self, record: logging.LogRecord | None) -> None:
         if not self.failed:
             self.failed = True
             sys.stderr.write(f"arcfold: cannot write the log file {self.baseFilename}: {sys.exc_info()[1]}\n")
