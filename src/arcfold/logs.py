@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["attach_file_log", "detach_file_log", "setup_logging"]
+from arcfold.errors import USER_ERRORS
+
+__all__ = ["attach_file_log", "detach_file_log", "run_log", "setup_logging"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -49,6 +53,26 @@ class _RunLogHandler(logging.FileHandler):
             super().close()
         except OSError:  # the last records could not be flushed
             self.handleError(None)
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[logging.Handler]:
+    """:func:`attach_file_log` for the ``with`` block, which also records in the file the error that ends it.
+
+    The console is left to whoever catches the error (the CLI prints a user error or Ctrl-C as one line); the file
+    gets the same line, or, for anything else (a bug), the error with its traceback.
+    """
+    handler = attach_file_log(path)
+    try:
+        yield handler
+    except BaseException as e:
+        one_line = isinstance(e, (*USER_ERRORS, KeyboardInterrupt))
+        message = (str(e) or "interrupted (Ctrl-C)") if one_line else f"{type(e).__name__}: {e}"
+        exc_info = None if one_line else (type(e), e, e.__traceback__)
+        handler.handle(logging.LogRecord("arcfold", logging.ERROR, __file__, 0, "%s", (message,), exc_info))
+        raise
+    finally:
+        detach_file_log(handler)
 
 
 def detach_file_log(handler: logging.Handler) -> None:

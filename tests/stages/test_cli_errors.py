@@ -10,6 +10,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 
 import arcfold.stages.train
 import arcfold.training.fold
@@ -66,6 +67,7 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_the_run_resumes(tmp_pat
     assert 0 <= epoch < 3 and not paths.oof.exists()
     line = f"fold 0 of 'mini' interrupted after epoch {epoch} (the last finished); continue with train.resume=true"
     assert [e.split(": ", 1)[1] for e in _errors(stderr)] == [line]
+    assert paths.log_file.read_text().splitlines()[-1].endswith(f" ERROR arcfold: {line}")  # train.log records it
 
     scores = train_fold(load_config(None, [*overrides, "train.resume=true"]), 0)
     assert paths.oof.exists() and scores["kept_epoch"] == 3
@@ -119,8 +121,32 @@ def test_a_full_disk_during_training_is_one_line_exit_2_and_the_run_resumes(tmp_
     assert "Traceback" not in result.stderr
     [error] = _errors(result.stderr)
     assert f"cannot write {paths.last}: no space left on the disk (0 B free in {paths.work}); " in error
+    assert paths.log_file.read_text().splitlines()[-1].endswith(error.split(" ", 1)[1])  # the same line in train.log
     assert load_torch(paths.last)["epoch"] == 0  # epoch 0's resume point is intact
     assert sorted(p.name for p in paths.work.iterdir()) == ["history.csv", "last.pt", "train.log"]  # no partial file
 
     train_fold(load_config(None, [*overrides, "train.resume=true"]), 0)
     assert paths.oof.exists() and pd.read_csv(paths.history)["epoch"].tolist() == [0, 1, 2]
+
+
+def test_the_error_that_stops_a_run_is_recorded_in_train_log(tmp_path, monkeypatch, caplog):
+    write_mini_dataset(tmp_path / "input")
+    (tmp_path / "resnet10t.safetensors").write_text("<html>403 Forbidden</html>")  # a failed download
+    overrides = [*mini_overrides(tmp_path), f"model.pretrained_path={tmp_path / 'resnet10t.safetensors'}"]
+    paths = FoldPaths(load_config(None, overrides), 0)
+    with pytest.raises(SystemExit) as e:  # the CLI's exit 2 (python -m arcfold train ...)
+        run_cli(arcfold.stages.train.main, ["--fold", "0", *overrides])
+    assert e.value.code == 2
+    line = f"cannot read model.pretrained_path={tmp_path / 'resnet10t.safetensors'}: truncated, corrupt or not a "
+    assert caplog.messages[-1].startswith(line)
+    assert paths.log_file.read_text().splitlines()[-1].endswith(f" ERROR arcfold: {caplog.messages[-1]}")  # same line
+
+    def bug(*args, **kwargs):  # not a user error: train.log gets its traceback, as the console does
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(arcfold.training.fold, "train_one_epoch", bug)
+    with pytest.raises(ZeroDivisionError):
+        train_fold(load_config(None, [*mini_overrides(tmp_path), "train.force=true"]), 0)
+    text = paths.log_file.read_text()
+    assert " ERROR arcfold: ZeroDivisionError: division by zero\nTraceback (most recent call last):" in text
+    assert text.rstrip().endswith("ZeroDivisionError: division by zero")

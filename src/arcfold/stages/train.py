@@ -39,8 +39,6 @@ def main(argv: list[str] | None = None) -> None:
     for fold in folds:
         try:
             train_fold(cfg, fold)
-        except NonFiniteLossError:  # logged by train_fold, with the checkpoint it keeps: exit 2, no traceback
-            raise SystemExit(2) from None
-        except CorruptFileError as e:  # a clear line naming the file and exit 2, not a traceback
+        except (NonFiniteLossError, CorruptFileError) as e:  # one line (the checkpoint kept, the file): exit 2
             log.error("%s", e)
             raise SystemExit(2) from None

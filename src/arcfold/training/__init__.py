@@ -4,7 +4,8 @@ Files (``<exp>`` = ``cfg.name``, ``K`` = fold):
 
 * ``models/<exp>/fold<K>/``: work folder while training — ``last.pt`` (full training state, written
   every epoch: resume point), ``best_e<E>.pt`` / ``best_oof_e<E>.npz`` (the kept epoch E's weights and
-  validation embeddings; the name predates ``train.keep``), ``history.csv`` (one row per epoch), ``train.log``.
+  validation embeddings; the name predates ``train.keep``), ``history.csv`` (one row per epoch), ``train.log``
+  (appended by each run, ending with the error that stopped one: the line the CLI printed, or a bug's traceback).
 * When the fold finishes: ``models/<exp>/fold<K>.pt`` (the kept epoch's embedding weights + config),
   ``oof/<exp>/fold<K>.npz`` (ids, images, labels, groups, L2-normalised embeddings of the held-out
   fold at the kept epoch), ``oof/<exp>/fold<K>.json`` (scores), ``oof/<exp>/fold<K>.config.yaml``.

@@ -33,7 +33,7 @@ from arcfold.distributed import DistContext, dist_context, gather_rows, on_rank0
 from arcfold.errors import ArtifactExistsError, ConfigError, DataValidationError, NonFiniteLossError
 from arcfold.inference.embed import extract_embeddings
 from arcfold.io import fault_point, file_lock, load_json, remove_stale_temp_files, save_npz, save_torch
-from arcfold.logs import attach_file_log, detach_file_log
+from arcfold.logs import run_log
 from arcfold.models.embedding import build_model, embedding_checkpoint
 from arcfold.models.heads import build_head
 from arcfold.models.losses import LOSSES
@@ -105,23 +105,20 @@ def train_fold(
         state, scores = on_rank0(ctx, claim)
         if state == "done":
             return scores  # type: ignore[return-value]
-        handler = attach_file_log(paths.log_file) if ctx.is_main else None
-        run = _FoldRun(cfg, fold, paths, ctx, device, progress=cfg.train.progress and ctx.is_main)
-        try:
-            return run.run(state == "resume", on_epoch_end)
-        except KeyboardInterrupt:  # Ctrl-C: one line naming the epoch the run continues from, not a traceback
-            raise paths.interrupted(run.last_finished) from None
-        except NonFiniteLossError as e:
-            kept = (
-                f"the last good checkpoint is kept: {paths.last} (resume with train.resume=true)"
-                if paths.last.exists()
-                else "no epoch had finished, so there is no checkpoint to keep"
-            )
-            log.error("%s stopped: %s; %s", paths.what, e, kept)
-            raise NonFiniteLossError(f"{e}; {kept}") from None
-        finally:
-            if handler is not None:
-                detach_file_log(handler)
+        # train.log (rank 0), which records the error that stops the run too: the CLI prints it in one line
+        with run_log(paths.log_file) if ctx.is_main else contextlib.nullcontext():
+            run = _FoldRun(cfg, fold, paths, ctx, device, progress=cfg.train.progress and ctx.is_main)
+            try:
+                return run.run(state == "resume", on_epoch_end)
+            except KeyboardInterrupt:  # Ctrl-C: one line naming the epoch the run continues from, not a traceback
+                raise paths.interrupted(run.last_finished) from None
+            except NonFiniteLossError as e:
+                kept = (
+                    f"the last good checkpoint is kept: {paths.last} (resume with train.resume=true)"
+                    if paths.last.exists()
+                    else "no epoch had finished, so there is no checkpoint to keep"
+                )
+                raise NonFiniteLossError(f"{paths.what} stopped: {e}; {kept}") from None
 
 
 @dataclass
