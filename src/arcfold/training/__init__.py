@@ -48,7 +48,10 @@ trained again. Every epoch reseeds Python, NumPy, torch, the augmentations and t
 ``(seed, fold, epoch)``, and ``last.pt`` holds model, head, optimizer, scheduler, GradScaler, EMA, best and
 kept epoch and history, so on a deterministic device a resumed run ends bit-identical to one never
 interrupted (tests/training/test_reliability_resume.py). Resuming with another config is refused (the keys that
-differ are listed), except for keys that do not change the result (``train.progress``, paths, ...).
+differ are listed), except for keys that do not change the result (``train.progress``, paths, ...). ``last.pt`` also
+keeps the elapsed seconds so far, so the fold JSON's (and ``full.json``'s) ``seconds`` covers every process of the
+run, not only the one that finished it (the time from a kill to the resume is not counted, nor an interrupted
+epoch's lost part).
 
 Safety: one process per fold (``models/<exp>/.fold<K>.lock``; a second one is refused at once);
 non-finite losses, and steps GradScaler skips for inf/NaN gradients, are skipped and counted, and

@@ -165,11 +165,11 @@ class _FoldRun:
 
     def run(self, resume: bool, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
         cfg, paths, ctx = self.cfg, self.paths, self.ctx
-        started = time.time()
-        ckpt = None
+        self.started, ckpt = time.time(), None
         if resume:  # read (and check) the resume point first: a refusal should not wait for the data
             ckpt = load_resume_point(paths.last, cfg)
             self.last_finished = ckpt["epoch"]
+            self.started -= ckpt.get("seconds", 0.0)  # the earlier processes' time: the fold's seconds cover them too
         self.n_epochs, self.full_epochs = cfg.train.epochs, None
         if paths.full:  # the epoch count is fixed when the full fit starts: a resume continues with it
             self.full_epochs = ckpt["full_epochs"] if ckpt is not None else full_fit_epochs(cfg)
@@ -190,7 +190,7 @@ class _FoldRun:
         )  # fmt: skip
         for epoch in range(self.start_epoch, self.n_epochs):
             self._epoch(epoch, on_epoch_end)
-        return self._finish(time.time() - started)
+        return self._finish(time.time() - self.started)
 
     def _read_rows(self, ckpt: dict[str, Any] | None) -> _Rows:
         """The fold file (made by rank 0 if missing) split into training and validation rows; ``model.init_from``
@@ -479,6 +479,7 @@ class _FoldRun:
                 "kept": self.kept,
                 "history": self.history,
                 "nonfinite_in_a_row": self.guard.in_a_row,
+                "seconds": time.time() - self.started,  # elapsed so far, over every process of the run
                 **({"ema": ema.state_dict()} if ema is not None else {}),
                 **({"init_from": init_info} if init_info is not None else {}),
                 **({"full_epochs": self.full_epochs} if self.paths.full else {}),
