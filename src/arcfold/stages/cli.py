@@ -14,6 +14,7 @@ __all__ = ["add_config_args", "config_from_args", "run_cli"]
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None, help="YAML config (may 'base:' another); default: built-ins")
+    # anywhere on the line: the stages parse with parse_intermixed_args
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
 
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="arcfold train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fold", "-f", required=True, help="fold index, A..B or A,B,C; full: the full-data fit")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between and after options
     from arcfold.errors import CorruptFileError, NonFiniteLossError
     from arcfold.training.fold import train_fold
     from arcfold.training.paths import check_fold_index
