@@ -64,6 +64,7 @@ TARGET = {"recall@1": 0.03, "map@r": 0.05}  # issue 16: arcfold's defaults beat 
 VARIANTS = {  # row -> overrides on top of the config (one key each: the row measures that key)
     "arcfold": [],
     "ema": ["train.ema_decay=0.999"],  # with ModelEmaV3's warm-up: ~0.98 by the end of a 400-step run
+    "bn_gp": ["model.neck=bn_gp"],  # the BNNeck (BatchNorm on the pooled 512-d features, no linear layer)
 }
 STAGE1_EPOCHS = 7  # two_stage: 7 epochs at 64 px + 3 at 96 px = the 10 epochs of the other rows
 STAGE2 = ["data.image_size=96", "train.epochs=3", "optim.lr=5.0e-4", "scheduler.warmup_epochs=0.3"]  # lr / 10

@@ -328,7 +328,7 @@ def _fold_worker(rank: int, world_size: int, port: int, overrides: list[str], ou
 
         return writer
 
-    for name in [*writers, "attach_file_log", "ensure_dataset", "ensure_folds", "remove_stale_temp_files"]:
+    for name in [*writers, "run_log", "ensure_dataset", "ensure_folds", "remove_stale_temp_files"]:
         for module in (arcfold.training.fold, arcfold.training.finalize):  # where the training package writes
             if hasattr(module, name):
                 setattr(module, name, recording_writer(module, name))

@@ -13,9 +13,11 @@ __all__ = [
     "ConfigError",
     "CorruptFileError",
     "DataValidationError",
+    "DiskFullError",
     "LockedError",
     "NonFiniteLossError",
     "RerankError",
+    "RunInterrupted",
     "SubmissionError",
     "UnsafeFileError",
 ]
@@ -35,6 +37,10 @@ class CorruptFileError(ValueError):
 
 class UnsafeFileError(CorruptFileError):
     """A file that would run code if loaded (a pickle of Python objects besides tensors and plain data): refused."""
+
+
+class DiskFullError(OSError):
+    """A file could not be written because its disk is full; the message names the file and the free space."""
 
 
 class LockedError(ArtifactExistsError):
@@ -61,6 +67,13 @@ class NonFiniteLossError(FloatingPointError):
     """Too many training steps in a row were skipped for a non-finite loss or non-finite gradients."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a training run; the message names the last finished epoch and how to continue.
+
+    A ``KeyboardInterrupt`` still (``except Exception`` does not swallow it); the CLI prints it as one line, exit 130.
+    """
+
+
 # What a stage run reports as one line and exit 2. FileNotFoundError: a missing input the message names.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -72,4 +85,5 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RerankError,
     SubmissionError,
     NonFiniteLossError,
+    DiskFullError,
 )

@@ -1,13 +1,16 @@
 """Atomic file writes, guarded overwrites, safe loaders and file locks.
 
-Every artifact arcfold writes (fold CSVs, checkpoints, OOF embeddings, scores, leaderboard, plots)
-goes through :func:`atomic_path`: the data is written to a temporary file in the *same* directory and
-then ``os.replace``-d over the target, so a crash or a kill leaves either the old file or the new one,
-never a half-written file that a later stage would read as complete. A kill can leave the temporary
-file behind (``.<name>.<random>.<suffix>.tmp``); nothing ever reads those, and the train stage removes
-its own when it starts again. The file gets the mode a plain ``open()`` would give it (``0o666 & ~umask``, e.g.
-0644 under umask 022), not ``mkstemp``'s private 0600: :func:`current_umask` reads the umask without changing it
-(``/proc/self/status``), so no other thread ever sees a different one.
+Every artifact arcfold writes (fold CSVs, checkpoints, OOF embeddings, scores, leaderboard, plots) goes through
+:func:`atomic_path`: the data is written to a temporary file in the *same* directory and then ``os.replace``-d over
+the target, so a crash or a kill leaves either the old file or the new one, never a half-written file that a later
+stage would read as complete. A kill can leave the temporary file behind (``.<name>.<random>.<suffix>.tmp``);
+nothing ever reads those, and the train stage removes its own when it starts again. The file gets the mode a plain
+``open()`` would give it (``0o666 & ~umask``, e.g. 0644 under umask 022), not ``mkstemp``'s private 0600:
+:func:`current_umask` reads the umask without changing it (``/proc/self/status``), so no other thread ever sees a
+different one. A write that fails because the disk is full (``ENOSPC`` / ``EDQUOT``, or torch.save's C++ writer
+failing on a disk with no space left) raises :class:`DiskFullError`, one line naming the file and the folder's free
+space: the partial temporary file is removed and every file written before it is intact, so the same command
+continues once space is freed (training: ``train.resume=true``).
 
 The loaders (:func:`load_npz`, :func:`load_json`, :func:`load_torch`) turn a truncated or corrupt file
 into a :class:`CorruptFileError` that names the file and says how to remake it; :func:`load_torch`
@@ -30,6 +33,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -41,13 +45,14 @@ from typing import Any
 
 import numpy as np
 
-from arcfold.errors import CorruptFileError, LockedError, UnsafeFileError
+from arcfold.errors import CorruptFileError, DiskFullError, LockedError, UnsafeFileError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "atomic_path",
     "current_umask",
+    "disk_full_error",
     "fault_point",
     "file_lock",
     "load_json",
@@ -137,9 +142,55 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             os.fsync(f.fileno())
         fault_point(f"write:{target.name}")
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as e:
+        full = disk_full_error(target, e)  # measured before the partial file is removed
+        if full is None:
+            raise
+        raise full from e
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# torch.save's C++ stream writer reports a failed write without an errno: "basic_ios::clear: iostream error",
+# "PytorchStreamWriter failed writing file data/0: file write failed", "unexpected pos ..."
+_STREAM_WRITE_FAILED = re.compile(r"iostream error|file write failed|PytorchStreamWriter failed|unexpected pos")
+# that failure counts as a full disk when less than this is left in the folder (the partial file not yet removed)
+FULL_DISK_BYTES = 64 * 2**20
+
+
+def disk_full_error(target: Path, error: BaseException) -> DiskFullError | None:
+    """The one-line :class:`DiskFullError` for a write of ``target`` that failed for want of space, else None.
+
+    An ``OSError`` says so by its errno (``ENOSPC``, ``EDQUOT``); torch's stream writer raises a ``RuntimeError``
+    without one, taken for a full disk when the folder has less than :data:`FULL_DISK_BYTES` free.
+    """
+    try:
+        free: int | None = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = None
+    if isinstance(error, OSError):
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    else:
+        full = bool(_STREAM_WRITE_FAILED.search(str(error))) and free is not None and free < FULL_DISK_BYTES
+    if not full:
+        return None
+    space = f"{_size(free)} free" if free is not None else "free space unknown"
+    return DiskFullError(
+        f"cannot write {target}: no space left on the disk ({space} in {target.parent}); the files written before "
+        "it are intact. Free some space and run the same command again (training continues from its last finished "
+        "epoch with train.resume=true)"
+    )
+
+
+def _size(n_bytes: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def save_text(path: str | os.PathLike, text: str) -> None:

@@ -7,11 +7,15 @@ falls back), which reads like a failure in an inference or notebook log. Their w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["QUIET_LOGGERS", "attach_file_log", "detach_file_log", "quiet_loaders", "setup_logging"]
+from arcfold.errors import USER_ERRORS
+
+__all__ = ["QUIET_LOGGERS", "attach_file_log", "detach_file_log", "quiet_loaders", "run_log", "setup_logging"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -39,7 +43,7 @@ def attach_file_log(path: Path) -> logging.Handler:
     :func:`detach_file_log`; with no other handler configured, the console still shows warnings only.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _RunLogHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT))
     logger = logging.getLogger("arcfold")
     handler.previous_level = logger.level  # type: ignore[attr-defined]
@@ -47,6 +51,44 @@ def attach_file_log(path: Path) -> logging.Handler:
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     return handler
+
+
+class _RunLogHandler(logging.FileHandler):
+    """A run's log file. A record it cannot write (a full disk) is said once, in one line on stderr, instead of
+    logging's traceback for every record: the run goes on, and the error that stops it names the disk."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        if not self.failed:
+            self.failed = True
+            sys.stderr.write(f"arcfold: cannot write the log file {self.baseFilename}: {sys.exc_info()[1]}\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last records could not be flushed
+            self.handleError(None)
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[logging.Handler]:
+    """:func:`attach_file_log` for the ``with`` block, which also records in the file the error that ends it.
+
+    The console is left to whoever catches the error (the CLI prints a user error or Ctrl-C as one line); the file
+    gets the same line, or, for anything else (a bug), the error with its traceback.
+    """
+    handler = attach_file_log(path)
+    try:
+        yield handler
+    except BaseException as e:
+        one_line = isinstance(e, (*USER_ERRORS, KeyboardInterrupt))
+        message = (str(e) or "interrupted (Ctrl-C)") if one_line else f"{type(e).__name__}: {e}"
+        exc_info = None if one_line else (type(e), e, e.__traceback__)
+        handler.handle(logging.LogRecord("arcfold", logging.ERROR, __file__, 0, "%s", (message,), exc_info))
+        raise
+    finally:
+        detach_file_log(handler)
 
 
 def detach_file_log(handler: logging.Handler) -> None:

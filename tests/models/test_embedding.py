@@ -1,10 +1,12 @@
 import socket
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 
 from arcfold.config import load_config
+from arcfold.errors import CorruptFileError
 from arcfold.models.embedding import build_model, embedding_checkpoint, load_embedding_model
 
 
@@ -62,6 +64,22 @@ def test_pretrained_path_errors(tmp_path):
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(RuntimeError, match="does not fit backbone 'resnet10t'"):
         build_model(_cfg(f"model.pretrained_path={tmp_path / 'resnet18.pth'}").model)
+
+
+@pytest.mark.parametrize("kind", ["text.safetensors", "truncated.safetensors", "truncated.pth"])
+def test_pretrained_path_that_is_not_a_weights_file_is_one_error_naming_it(tmp_path, kind):
+    weights = timm.create_model("resnet10t").state_dict()
+    path = tmp_path / kind
+    if kind == "text.safetensors":
+        path.write_text("<html>403 Forbidden</html>")  # what a failed download leaves
+    elif kind == "truncated.safetensors":
+        safetensors.torch.save_file(weights, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        torch.save(weights, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CorruptFileError, match=rf"^cannot read model.pretrained_path={path}: truncated, corrupt"):
+        build_model(_cfg(f"model.pretrained_path={path}").model)
 
 
 @pytest.mark.parametrize(

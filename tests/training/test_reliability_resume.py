@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -174,3 +175,29 @@ def test_best_files_of_an_epoch_cut_short_are_never_taken_for_the_best(mini_root
     recomputed = retrieval_metrics(oof["embeddings"], oof["labels"])
     assert {k: scores[k] for k in METRICS} == {k: recomputed[k] for k in METRICS}
     assert not list(paths.work.glob("best_*"))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_counts_the_seconds_of_the_processes_before_it(tmp_path):
+    write_mini_dataset(tmp_path / "input")
+    overrides = mini_overrides(tmp_path)
+
+    def slow_then_stop(row):  # epoch 0 takes 3 s more, then the process stops in epoch 1 (epoch 0's resume point kept)
+        if row["epoch"] == 0:
+            time.sleep(3.0)
+        else:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_fold(load_config(None, overrides), 0, on_epoch_end=slow_then_stop)
+    paths = FoldPaths(load_config(None, overrides), 0)
+    assert load_torch(paths.last)["seconds"] >= 3.0
+    t0 = time.time()
+    scores = train_fold(load_config(None, [*overrides, "train.resume=true"]), 0)
+    resumed_wall = time.time() - t0
+    # the first process's share (>= 3 s of sleep) plus the resumed one's; it used to be the resumed one's alone
+    assert scores["seconds"] >= 3.0 and scores["seconds"] > resumed_wall
+    assert load_json(paths.scores)["seconds"] == scores["seconds"]

@@ -20,6 +20,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from arcfold.config import ExperimentConfig, ModelConfig, config_from_dict, config_to_dict
@@ -57,6 +58,11 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         try:
             # timm reads .safetensors with safetensors and anything else with torch.load(weights_only=True)
             return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except (SafetensorError, OSError, EOFError) as e:  # not a safetensors file, a truncated .pth, ...
+            raise CorruptFileError(
+                f"cannot read model.pretrained_path={path}: truncated, corrupt or not a weights file "
+                f"({type(e).__name__}: {e}); copy it again, or give a timm/torchvision state dict or .safetensors file"
+            ) from None
         except (RuntimeError, pickle.UnpicklingError) as e:
             unsafe = unsafe_pickle_error(f"model.pretrained_path={path}", e)
             if unsafe is not None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from arcfold.experiments.blend import DEFAULT_GRID
 from arcfold.logs import setup_logging
 
 log = logging.getLogger(__name__)
+
+# arcfold.experiments.blend.DEFAULT_GRID, restated: importing it loads torch before --help
+# (tests/stages/test_cli_help.py checks they agree)
+DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 def main(argv: list[str] | None = None) -> None:

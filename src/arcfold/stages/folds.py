@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="arcfold folds", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     parser.add_argument("--force", action="store_true", help="remake the fold file even if it exists")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between and after options
     from arcfold.data.folds import ensure_folds
 
     setup_logging()

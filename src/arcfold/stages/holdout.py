@@ -10,9 +10,12 @@ import json
 import logging
 
 from arcfold.logs import setup_logging
-from arcfold.retrieval.submission import DEFAULT_HEADERS
 
 log = logging.getLogger(__name__)
+
+# the keys of arcfold.retrieval.submission.DEFAULT_HEADERS, restated: importing it loads pandas before --help
+# (tests/stages/test_cli_help.py checks they agree)
+FORMATS = ("retrieval", "recognition", "top5")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     score = sub.add_parser("score", help="score a submission against a holdout's truth")
     score.add_argument("--submission", required=True)
     score.add_argument("--holdout", required=True, help="the folder 'make' wrote")
-    score.add_argument("--format", required=True, choices=list(DEFAULT_HEADERS))
+    score.add_argument("--format", required=True, choices=FORMATS)
     args = parser.parse_args(argv)
     from arcfold.experiments.holdout import make_holdout, score_holdout
 

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", "-c", default=None, help="inference YAML (may 'base:' another)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. query.csv=test.csv tta.hflip=true")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between and after options
     from arcfold.inference.config import load_inference_config
     from arcfold.inference.run import run_inference
 

@@ -9,10 +9,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from arcfold.datasets.prepare import BUILTIN
 from arcfold.logs import setup_logging
 
 log = logging.getLogger(__name__)
+
+# arcfold.datasets.prepare.BUILTIN, restated: importing it loads pandas before --help
+# (tests/stages/test_cli_help.py checks they agree)
+BUILTIN = ("glyphs", "omniglot")
 
 
 def main(argv: list[str] | None = None) -> None:

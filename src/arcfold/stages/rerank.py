@@ -9,10 +9,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from arcfold.experiments.rerank import DEFAULT_NEW_LABEL, METHODS
 from arcfold.logs import setup_logging
 
 log = logging.getLogger(__name__)
+
+# arcfold.experiments.rerank's, restated: importing them loads torch before --help
+# (tests/stages/test_cli_help.py checks they agree)
+METHODS = ("none", "dba", "qe", "kr", "dba+qe", "dba+kr", "qe+kr", "dba+qe+kr")
+DEFAULT_NEW_LABEL = "new_individual"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--oof-dir", default="oof")
     parser.add_argument("--recompute", action="store_true", help="recompute from the OOF embeddings")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between and after options
     import pandas as pd
 
     from arcfold.config import load_config

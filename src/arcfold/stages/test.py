@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", default=None, help=members + " (not with --blend)")
     parser.add_argument("--force", action="store_true", help="embed and score again, overwriting the outputs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between and after options
     from arcfold.artifacts import parse_folds
     from arcfold.config import load_config
     from arcfold.experiments.evaluate import evaluate_blend, evaluate_experiment, render_test

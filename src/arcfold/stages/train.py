@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="arcfold train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fold", "-f", required=True, help="fold index, A..B or A,B,C; full: the full-data fit")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between and after options
     from arcfold.errors import CorruptFileError, NonFiniteLossError
     from arcfold.training.fold import train_fold
-    from arcfold.training.paths import FoldPaths
+    from arcfold.training.paths import FoldPaths, check_fold_index
 
     setup_logging()
     try:
@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(str(e))
     cfg = config_from_args(args)
+    for fold in folds:  # every fold of the spec exists, before the first one trains
+        check_fold_index(cfg, fold)
     for fold in folds:
         started, skipped = time.time(), FoldPaths(cfg, fold).done.exists() and not cfg.train.force
         try:
             train_fold(cfg, fold)
-        except NonFiniteLossError:  # logged by train_fold, with the checkpoint it keeps: exit 2, no traceback
-            raise SystemExit(2) from None
-        except CorruptFileError as e:  # a clear line naming the file and exit 2, not a traceback
+        except (NonFiniteLossError, CorruptFileError) as e:  # one line (the checkpoint kept, the file): exit 2
             log.error("%s", e)
             raise SystemExit(2) from None
         _report(fold, "skipped" if skipped else "trained", time.time() - started)

@@ -9,9 +9,12 @@ import argparse
 import logging
 
 from arcfold.logs import setup_logging
-from arcfold.training.tune import DEFAULT_GRACE_PERIOD
 
 log = logging.getLogger(__name__)
+
+# arcfold.training.tune.DEFAULT_GRACE_PERIOD, restated: importing it loads torch and optuna before --help
+# (tests/stages/test_cli_help.py checks they agree)
+DEFAULT_GRACE_PERIOD = 300
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config overrides for every trial")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between and after options
     from arcfold.training.tune import render_study, tune
 
     setup_logging()

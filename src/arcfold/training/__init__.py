@@ -4,7 +4,8 @@ Files (``<exp>`` = ``cfg.name``, ``K`` = fold):
 
 * ``models/<exp>/fold<K>/``: work folder while training — ``last.pt`` (full training state, written
   every epoch: resume point), ``best_e<E>.pt`` / ``best_oof_e<E>.npz`` (the kept epoch E's weights and
-  validation embeddings; the name predates ``train.keep``), ``history.csv`` (one row per epoch), ``train.log``.
+  validation embeddings; the name predates ``train.keep``), ``history.csv`` (one row per epoch), ``train.log``
+  (appended by each run, ending with the error that stopped one: the line the CLI printed, or a bug's traceback).
 * When the fold finishes: ``models/<exp>/fold<K>.pt`` (the kept epoch's embedding weights + config),
   ``oof/<exp>/fold<K>.npz`` (ids, images, labels, groups, L2-normalised embeddings of the held-out
   fold at the kept epoch), ``oof/<exp>/fold<K>.json`` (scores), ``oof/<exp>/fold<K>.config.yaml``.
@@ -47,7 +48,10 @@ trained again. Every epoch reseeds Python, NumPy, torch, the augmentations and t
 ``(seed, fold, epoch)``, and ``last.pt`` holds model, head, optimizer, scheduler, GradScaler, EMA, best and
 kept epoch and history, so on a deterministic device a resumed run ends bit-identical to one never
 interrupted (tests/training/test_reliability_resume.py). Resuming with another config is refused (the keys that
-differ are listed), except for keys that do not change the result (``train.progress``, paths, ...).
+differ are listed), except for keys that do not change the result (``train.progress``, paths, ...). ``last.pt`` also
+keeps the elapsed seconds so far, so the fold JSON's (and ``full.json``'s) ``seconds`` covers every process of the
+run, not only the one that finished it (the time from a kill to the resume is not counted, nor an interrupted
+epoch's lost part).
 
 Safety: one process per fold (``models/<exp>/.fold<K>.lock``; a second one is refused at once);
 non-finite losses, and steps GradScaler skips for inf/NaN gradients, are skipped and counted, and

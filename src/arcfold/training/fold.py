@@ -30,10 +30,10 @@ from arcfold.data.table import FOLD, LABEL, check_image_files, image_root, resol
 from arcfold.data.transforms import build_eval_transform, build_train_transform
 from arcfold.datasets.prepare import ensure_dataset
 from arcfold.distributed import DistContext, dist_context, gather_rows, on_rank0, process_group, shard_range
-from arcfold.errors import ArtifactExistsError, DataValidationError, NonFiniteLossError
+from arcfold.errors import ArtifactExistsError, ConfigError, DataValidationError, NonFiniteLossError
 from arcfold.inference.embed import extract_embeddings
 from arcfold.io import fault_point, file_lock, load_json, remove_stale_temp_files, save_npz, save_torch
-from arcfold.logs import attach_file_log, detach_file_log
+from arcfold.logs import run_log
 from arcfold.models.embedding import build_model, embedding_checkpoint
 from arcfold.models.heads import build_head
 from arcfold.models.losses import LOSSES
@@ -51,7 +51,7 @@ from arcfold.training.ema import build_ema
 from arcfold.training.finalize import finalize_fold, finalize_full, full_fit_epochs, save_history
 from arcfold.training.init_from import init_weights_from, load_init_checkpoint
 from arcfold.training.loop import build_train_collate, train_one_epoch
-from arcfold.training.paths import FoldPaths, check_fold_state, remove_work_files
+from arcfold.training.paths import FoldPaths, check_fold_index, check_fold_state, remove_work_files
 from arcfold.training.schedule import build_optimizer, build_scheduler
 from arcfold.training.state import TRAIN_STATE_FORMAT, check_same_experiment, load_resume_point
 from arcfold.training.step import NonFiniteGuard, OptimizerStep
@@ -73,6 +73,7 @@ def train_fold(
     losses, Recall@K, MAP@R), once the epoch's files are written and before its resume point is: an
     exception there (e.g. optuna's ``TrialPruned``) stops the fold and a resume replays that epoch.
     """
+    check_fold_index(cfg, fold)  # before the lock, the log and the data: a typo leaves nothing behind
     paths = FoldPaths(cfg, fold)
     ctx = dist_context()  # several processes under torchrun; one otherwise
     device = training_device(cfg.train.device, ctx) if ctx.enabled else None
@@ -106,22 +107,20 @@ def train_fold(
         state, scores = on_rank0(ctx, claim)
         if state == "done":
             return scores  # type: ignore[return-value]
-        handler = attach_file_log(paths.log_file) if ctx.is_main else None
-        try:
-            return _FoldRun(cfg, fold, paths, ctx, device, progress=cfg.train.progress and ctx.is_main).run(
-                state == "resume", on_epoch_end
-            )
-        except NonFiniteLossError as e:
-            kept = (
-                f"the last good checkpoint is kept: {paths.last} (resume with train.resume=true)"
-                if paths.last.exists()
-                else "no epoch had finished, so there is no checkpoint to keep"
-            )
-            log.error("%s stopped: %s; %s", paths.what, e, kept)
-            raise NonFiniteLossError(f"{e}; {kept}") from None
-        finally:
-            if handler is not None:
-                detach_file_log(handler)
+        # train.log (rank 0), which records the error that stops the run too: the CLI prints it in one line
+        with run_log(paths.log_file) if ctx.is_main else contextlib.nullcontext():
+            run = _FoldRun(cfg, fold, paths, ctx, device, progress=cfg.train.progress and ctx.is_main)
+            try:
+                return run.run(state == "resume", on_epoch_end)
+            except KeyboardInterrupt:  # Ctrl-C: one line naming the epoch the run continues from, not a traceback
+                raise paths.interrupted(run.last_finished) from None
+            except NonFiniteLossError as e:
+                kept = (
+                    f"the last good checkpoint is kept: {paths.last} (resume with train.resume=true)"
+                    if paths.last.exists()
+                    else "no epoch had finished, so there is no checkpoint to keep"
+                )
+                raise NonFiniteLossError(f"{paths.what} stopped: {e}; {kept}") from None
 
 
 @dataclass
@@ -161,16 +160,18 @@ class _FoldRun:
         self.ctx = ctx or DistContext()
         self.device, self.progress = device, progress
         self.sharded = cfg.head.sharded and self.ctx.enabled
+        self.last_finished: int | None = None  # the epoch of the resume point on disk (None: no epoch finished)
 
     # ---------------------------------------------------------------------------------------------------------------
     # the run
 
     def run(self, resume: bool, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
         cfg, paths, ctx = self.cfg, self.paths, self.ctx
-        started = time.time()
-        ckpt = None
+        self.started, ckpt = time.time(), None
         if resume:  # read (and check) the resume point first: a refusal should not wait for the data
             ckpt = load_resume_point(paths.last, cfg)
+            self.last_finished = ckpt["epoch"]
+            self.started -= ckpt.get("seconds", 0.0)  # the earlier processes' time: the fold's seconds cover them too
         self.n_epochs, self.full_epochs = cfg.train.epochs, None
         if paths.full:  # the epoch count is fixed when the full fit starts: a resume continues with it
             self.full_epochs = ckpt["full_epochs"] if ckpt is not None else full_fit_epochs(cfg)
@@ -191,7 +192,7 @@ class _FoldRun:
         )  # fmt: skip
         for epoch in range(self.start_epoch, self.n_epochs):
             self._epoch(epoch, on_epoch_end)
-        return self._finish(time.time() - started)
+        return self._finish(time.time() - self.started)
 
     def _read_rows(self, ckpt: dict[str, Any] | None) -> _Rows:
         """The fold file (made by rank 0 if missing) split into training and validation rows; ``model.init_from``
@@ -203,7 +204,7 @@ class _FoldRun:
         folds_df = folds_df[folds_df[FOLD] != TEST_FOLD].reset_index(drop=True)  # the test split: never trained on
         n_splits = int(folds_df[FOLD].max()) + 1
         if not paths.full and not 0 <= fold < n_splits:
-            raise ValueError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")
+            raise ConfigError(f"fold {fold} does not exist: {folds_path} has folds 0..{n_splits - 1}")
         folds_sha256 = file_sha256(folds_path)
         self.init = None  # model.init_from on a fresh fold (a resumed one continues from last.pt): before the data
         if ckpt is None and cfg.model.init_from:
@@ -383,6 +384,7 @@ class _FoldRun:
         self._save_resume_point(epoch)
         if ctx.enabled:
             torch.distributed.barrier()  # the epoch is done for every rank once its resume point is written
+            self.last_finished = epoch  # (rank 0 set it as soon as it wrote last.pt)
 
     def _loader(self, epoch_seed: int) -> DataLoader:
         cfg, ctx, sampler = self.cfg, self.ctx, self.sampler
@@ -479,11 +481,13 @@ class _FoldRun:
                 "kept": self.kept,
                 "history": self.history,
                 "nonfinite_in_a_row": self.guard.in_a_row,
+                "seconds": time.time() - self.started,  # elapsed so far, over every process of the run
                 **({"ema": ema.state_dict()} if ema is not None else {}),
                 **({"init_from": init_info} if init_info is not None else {}),
                 **({"full_epochs": self.full_epochs} if self.paths.full else {}),
             },
         )
+        self.last_finished = epoch  # at once: Ctrl-C from here on says this epoch
         self.paths.remove_best_except(self.kept["epoch"])  # the previously kept epoch's files, now superseded
 
     # ---------------------------------------------------------------------------------------------------------------

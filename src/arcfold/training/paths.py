@@ -6,9 +6,9 @@ from pathlib import Path
 
 from arcfold.artifacts import FULL_FIT, fold_name
 from arcfold.config import ExperimentConfig
-from arcfold.errors import ArtifactExistsError
+from arcfold.errors import ArtifactExistsError, ConfigError, RunInterrupted
 
-__all__ = ["FoldPaths", "check_fold_state", "remove_work_files"]
+__all__ = ["FoldPaths", "check_fold_index", "check_fold_state", "remove_work_files"]
 
 
 class FoldPaths:
@@ -39,11 +39,28 @@ class FoldPaths:
     def best_oof(self, epoch: int) -> Path:
         return self.work / f"best_oof_e{epoch}.npz"
 
+    def interrupted(self, last_finished: int | None) -> RunInterrupted:
+        """Ctrl-C's one line: the resume point (written atomically) holds ``last_finished``, the run continues there."""
+        done = last_finished
+        when = "before the first epoch finished" if done is None else f"after epoch {done} (the last finished)"
+        return RunInterrupted(f"{self.what} of '{self.cfg.name}' interrupted {when}; continue with train.resume=true")
+
     def remove_best_except(self, epoch: int) -> None:
         keep = {self.best(epoch).name, self.best_oof(epoch).name}
         for p in [*self.work.glob("best_e*.pt"), *self.work.glob("best_oof_e*.npz")]:
             if p.name not in keep:
                 p.unlink(missing_ok=True)
+
+
+def check_fold_index(cfg: ExperimentConfig, fold: int | str) -> None:
+    """Refuse a fold that the experiment cannot have (``folds.n_splits`` makes folds 0..n_splits-1), before any of
+    its files (lock, log) or the data are made; the fold file's real fold count is checked again once it is read."""
+    n_splits = cfg.folds.n_splits
+    if fold != FULL_FIT and not 0 <= int(fold) < n_splits:
+        raise ConfigError(
+            f"fold {fold} does not exist: experiment '{cfg.name}' has folds 0..{n_splits - 1} "
+            f"(folds.n_splits={n_splits}); train them with --fold 0..{n_splits - 1}, the full-data fit with --fold full"
+        )
 
 
 def check_fold_state(paths: FoldPaths, resume: bool, force: bool) -> str:

@@ -3,8 +3,9 @@ the check that a run belongs to the experiment whose folders it writes to (:func
 
 An epoch counts as done once its ``last.pt`` is written. ``last.pt`` holds model, head, optimizer, scheduler,
 GradScaler, EMA, best and kept epoch, history and the non-finite counter, so a resumed run ends bit-identical to one
-never interrupted on a deterministic device. Resuming with another config is refused (the keys that differ are
-listed), except for :data:`RESUME_MAY_DIFFER`.
+never interrupted on a deterministic device; and ``seconds``, the run's elapsed time so far over all its processes,
+which a resumed run adds to its own (the fold JSON's ``seconds``; absent from older resume points: 0). Resuming
+with another config is refused (the keys that differ are listed), except for :data:`RESUME_MAY_DIFFER`.
 """
 
 from __future__ import annotations
