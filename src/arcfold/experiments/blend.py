@@ -74,6 +74,7 @@ from arcfold.retrieval.ensemble import (
     BLEND_FORMAT,
     NORMALISATION,
     blend_embeddings,
+    l2_normalise,
     normalised_weights,
 )
 from arcfold.retrieval.metrics import DEFAULT_KS, retrieval_metrics
@@ -104,14 +105,6 @@ class BlendFold:
 
 # --------------------------------------------------------------------------------------------
 # the blend itself
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
-    if (norms == 0).any() or not np.isfinite(norms).all():
-        raise BlendError("cannot L2-normalise embeddings with a zero or non-finite norm")
-    return x / norms
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +202,7 @@ def load_blend_folds(
                     f"({len(differ)} rows, e.g. id {ids[differ[0]]!r}: "
                     f"{labels[differ[0]]!r} vs {other_labels[differ[0]]!r})"
                 )
-            members.append(_l2(arr["embeddings"][pos]))  # (N, D_i), rows in the first member's order
+            members.append(l2_normalise(arr["embeddings"][pos]))  # (N, D_i), rows in the first member's order
         sizes = [m.shape[1] for m in members]
         blend_folds.append(BlendFold(fold=int(k), ids=ids, labels=labels, members=members))
     info = {

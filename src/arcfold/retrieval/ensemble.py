@@ -19,7 +19,14 @@ import numpy as np
 
 from arcfold.errors import BlendError
 
-__all__ = ["BLEND_FORMAT", "NORMALISATION", "blend_embeddings", "load_blend_spec", "normalised_weights"]
+__all__ = [
+    "BLEND_FORMAT",
+    "NORMALISATION",
+    "blend_embeddings",
+    "l2_normalise",
+    "load_blend_spec",
+    "normalised_weights",
+]
 
 BLEND_FORMAT = "arcfold.blend/1"
 
@@ -27,7 +34,8 @@ BLEND_FORMAT = "arcfold.blend/1"
 NORMALISATION = "l2_weighted_concat"
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm, float32; a zero or non-finite row is a :class:`BlendError`."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
     if (norms == 0).any() or not np.isfinite(norms).all():
@@ -62,8 +70,8 @@ def blend_embeddings(members: Sequence[np.ndarray], weights: Sequence[float]) ->
     if any(len(m) != n for m in members):
         raise BlendError(f"members have different numbers of rows: {[len(m) for m in members]}")
     w = normalised_weights(weights, len(members))
-    parts = [_l2(m) * np.float32(math.sqrt(wi)) for m, wi in zip(members, w, strict=True)]  # each (N, D_i)
-    return _l2(np.concatenate(parts, axis=1))  # (N, sum D_i); the norm is already 1 up to rounding
+    parts = [l2_normalise(m) * np.float32(math.sqrt(wi)) for m, wi in zip(members, w, strict=True)]  # each (N, D_i)
+    return l2_normalise(np.concatenate(parts, axis=1))  # (N, sum D_i); the norm is already 1 up to rounding
 
 
 def load_blend_spec(path: str | Path) -> dict[str, Any]:
