@@ -3,11 +3,17 @@
 Peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh Python process per measurement (tracemalloc
 does not see torch/faiss allocations). Each worker reports the peak *after* building its inputs (``base_mib``) and
 at the end (``peak_mib``); ``extra_mib = peak_mib - base_mib`` is what the measured call itself added.
+
+Load: the 1-minute load average is taken when a benchmark starts (this module's import) and when it writes its
+results; :func:`write_results` stores both in the JSON and prints them under the benchmark's section of
+BENCHMARKS.md, and marks the run **busy** when either exceeds the core count (other jobs held the cores: timings are
+inflated, and ratios favour whichever side uses fewer threads).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import resource
@@ -21,6 +27,7 @@ import numpy as np
 RESULTS = Path("benchmarks/results")
 BENCHMARKS_MD = Path("BENCHMARKS.md")
 NO_GPU = "no GPU on this machine (torch.cuda.is_available() is False): CUDA rows skipped"
+LOAD_AT_START = os.getloadavg()  # (1, 5, 15 min) when the benchmark script started (imported this module)
 
 
 def peak_rss_mib() -> float:
@@ -85,8 +92,42 @@ def machine_line(m: dict[str, Any]) -> str:
     )
 
 
+def load_record(start: tuple[float, ...] | None = None, end: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """The load averages of a run (start: :data:`LOAD_AT_START`, end: now), the core count, and whether the
+    machine was busy: a 1-minute load above the core count at either end."""
+    start = LOAD_AT_START if start is None else start
+    end = os.getloadavg() if end is None else end
+    cores = os.cpu_count() or 1
+    return {
+        "loadavg_start": [round(x, 2) for x in start],
+        "loadavg_end": [round(x, 2) for x in end],
+        "cores": cores,
+        "busy": max(start[0], end[0]) > cores,
+    }
+
+
+def load_line(load: dict[str, Any]) -> str:
+    """One markdown line: the load averages of the run, and the busy-machine warning when it applies."""
+    line = (
+        f"Load average (1, 5, 15 min) at the start {load['loadavg_start']}, at the end {load['loadavg_end']}, "
+        f"on {load['cores']} cores."
+    )
+    if load["busy"]:
+        line += (
+            " **Busy machine**: the load exceeded the core count, so other jobs held the cores; timings are inflated"
+            " and ratios favour whichever side uses fewer threads. Re-run on a quiet machine before quoting them."
+        )
+    return line
+
+
 def write_results(name: str, payload: dict[str, Any], section_md: str) -> None:
-    """Write ``benchmarks/results/<name>.json`` and replace (or append) this benchmark's section of BENCHMARKS.md."""
+    """Write ``benchmarks/results/<name>.json`` and replace (or append) this benchmark's section of BENCHMARKS.md;
+    both carry the run's load averages (:func:`load_record`; a payload with its own record, ``load`` or
+    ``load_average``, keeps it)."""
+    if "load" not in payload and "load_average" not in payload:
+        load = load_record()
+        payload = {**payload, "load": load}
+        section_md = section_md.rstrip() + "\n\n" + load_line(load)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
