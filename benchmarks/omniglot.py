@@ -61,10 +61,18 @@ from arcfold.retrieval.metrics import retrieval_metrics  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("recall@1", "recall@5", "recall@10", "map@r")
 TARGET = {"recall@1": 0.03, "map@r": 0.05}  # issue 16: arcfold's defaults beat the reference by at least this
-VARIANTS = {  # row -> overrides on top of the config (one key each: the row measures that key)
+VARIANTS = {  # row -> overrides on top of the config (one key per row except round3: the row measures that key)
     "arcfold": [],
     "ema": ["train.ema_decay=0.999"],  # with ModelEmaV3's warm-up: ~0.98 by the end of a 400-step run
     "bn_gp": ["model.neck=bn_gp"],  # the BNNeck (BatchNorm on the pooled 512-d features, no linear layer)
+    # the study's round 3 on fold 0 (omniglot_defaults_study.md): BN-GP + batch 32 (twice the steps for the same
+    # images) + the OneCycle-like ends of the schedule (warm-up from lr / 25, cosine down to 0)
+    "round3": [
+        "model.neck=bn_gp",
+        "train.batch_size=32",
+        "scheduler.warmup_lr_factor=0.04",
+        "scheduler.min_lr_factor=0",
+    ],
 }
 STAGE1_EPOCHS = 7  # two_stage: 7 epochs at 64 px + 3 at 96 px = the 10 epochs of the other rows
 STAGE2 = ["data.image_size=96", "train.epochs=3", "optim.lr=5.0e-4", "scheduler.warmup_epochs=0.3"]  # lr / 10

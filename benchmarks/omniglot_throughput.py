@@ -40,6 +40,9 @@ from arcfold.datasets.prepare import ensure_dataset
 from arcfold.io import save_json, save_text
 
 log = logging.getLogger("benchmark")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import load_line, load_record  # noqa: E402
+
 RESULTS = Path("benchmarks/results")
 
 
@@ -146,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, ["name=bench_omniglot_throughput", "train.progress=false", *args.overrides])
     ensure_dataset(cfg)
     ensure_folds(cfg)
-    load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.time()
     interleaved = interleaved_throughput(cfg, args.fold, args.rounds, args.round_batches)
     result = {
@@ -154,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}",
-        "loadavg_before": load_before,
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "load": load_record(),  # the run's load averages; busy when the 1-min load exceeded the cores
         "fold": args.fold,
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
@@ -169,13 +170,14 @@ def main(argv: list[str] | None = None) -> None:
         f"# Omniglot training throughput (fold {args.fold}, {cfg.model.backbone} {cfg.data.image_size}px, "
         f"batch {cfg.train.batch_size})",
         "",
-        f"`{result['command']}` on {result['machine']}; load average before {load_before}, after "
-        f"{result['loadavg_after']}.",
+        f"`{result['command']}` on {result['machine']}.",
         "",
         f"arcfold / bare PyTorch + PML step, training images per second: ratio {interleaved['ratio']:.3f} "
         f"(medians {interleaved['median_arcfold']:.1f} / {interleaved['median_reference']:.1f} img/s over "
         f"{interleaved['rounds']} alternating rounds of {interleaved['batches_per_round']} batches). A speed "
         "measurement only: the bare step is not a quality reference (see `benchmarks/omniglot.py`).",
+        "",
+        load_line(result["load"]),
     ]
     save_text(RESULTS / "omniglot_throughput.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
