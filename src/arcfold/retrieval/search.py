@@ -404,8 +404,7 @@ def search(
     ``queries`` (Q, D), ``gallery`` (N, D), numpy or torch; see the module docstring for index kinds, backends,
     devices, tie order, -1 handling and ``exclude_self`` (query i is gallery item i and is not its own neighbour).
     Requires ``1 <= k <= N`` (``N - 1`` with ``exclude_self``). ``progress`` shows a tqdm bar over query chunks.
-    ``nprobe`` / ``ef_search`` / ``target_recall``: the knob of an approximate index (module docstring, "Search knob");
-    when ``report`` is a list, the knob record of the approximate index built is appended to it (a dict).
+    ``nprobe``, ``ef_search``, ``target_recall``, ``report``: an approximate index's knob (module doc, "Search knob").
 
     >>> g = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
     >>> sims, idx = search(g, g, k=1, exclude_self=True)
@@ -440,10 +439,8 @@ def search(
     else:
         gpu = _resolve_faiss_gpu(device, index, k_search)
         chunk = _check_positive_int(chunk_size, "chunk_size", allow_none=True) or _FAISS_CHUNK
-        faiss_index = build_index(
-            g, index=index, gpu=gpu, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
-            target_recall=target_recall, k=k, report=report,
-        )  # fmt: skip
+        knob = dict(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, target_recall=target_recall)
+        faiss_index = build_index(g, index=index, gpu=gpu, k=k, report=report, **knob)
         _set_search_params(faiss_index, index, k_search)
 
         def search_chunk(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
