@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -94,6 +95,25 @@ def test_the_held_out_estimate_is_honest_where_self_queries_are_not(clustered, e
     self_recall = _per_query_recall(found, search(gallery, gallery, 10, exclude_self=True)[1][rows]).mean()
     assert abs(held_out_recall - new_recall) < 0.01 and new_recall < 0.9
     assert self_recall > new_recall + 0.05
+
+
+def test_a_deep_ivf_search_sweeps_from_the_lists_that_hold_2k_items(caplog) -> None:
+    """Well-separated clusters: one list would reach recall@10, but a top-100 search needs ~100 / 39 lists."""
+    rng = np.random.default_rng(5)
+    x = _unit(_unit(rng.normal(size=(300, 32)))[rng.integers(0, 300, 10_200)] + 0.02 * rng.normal(size=(10_200, 32)))
+    queries, gallery = x[10_000:], x[:10_000]
+    report: list[dict] = []
+
+    def n_short(**kwargs) -> int:  # queries the index returned fewer than 100 neighbours for (searched exactly)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="arcfold.retrieval.search"):
+            search(queries, gallery, 100, index="ivf", device="cpu", report=report, **kwargs)
+        found = re.search(r"fewer than 100 neighbours for (\d+) queries", caplog.text)
+        return int(found.group(1)) if found else 0
+
+    assert n_short() <= 2
+    assert report[0]["tried"][0][0] == report[0]["value"] == 6  # ceil(2 * 100 * 230 lists / 9000 rows), reached
+    assert n_short(nprobe=1) > 150  # an explicit knob wins, even this one: most rows fall back to exact search
 
 
 def test_search_reports_the_knob_it_searched_with(clustered, exact) -> None:

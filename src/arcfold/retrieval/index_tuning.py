@@ -13,15 +13,18 @@ Choosing the knob (``target_recall``, inference's ``search.target_recall``, defa
     ranks are what Recall@K, MAP@5 and the label vote read; a deeper search keeps the same knob (HNSW raises
     efSearch to the k searched).
 
-    The sweep doubles the knob (IVF: 1, 2, 4, ... up to ``nlist``, where IVF is exact; HNSW: 16, 32, ... 4096) up to
-    the first value that reaches the target, then bisects between it and the value before until they are within an
-    eighth of each other, and keeps the smallest value that reached it. Recall cannot fall as IVF's nprobe grows (a
-    superset of lists is visited), and in practice does not for efSearch. A value **reaches the target** when the
-    sample's mean recall minus two standard errors of that mean (the spread of the per-query recalls over
-    ``sqrt(n_queries)``; about 0.005-0.01 at 0.95) is at least the target: the smallest value whose mean alone
-    reached it would give new queries a recall just around the target, below it about half the time (measured:
-    0.947-0.954 for target 0.95 on 10k x 32 clustered vectors), while the margin puts them above it. When no value
-    reaches the target, the largest one tried is used and a warning gives the recall it reached.
+    The sweep doubles the knob up to the first value that reaches the target, then bisects between it and the value
+    before until they are within an eighth of each other, and keeps the smallest value that reached it. IVF's
+    nprobe runs from the number of lists that hold 2k items on average (k: the search's own, uncapped; so that a
+    deep search, top 50 or 100, seldom visits fewer than k items and needs the exact fallback) up to ``nlist``,
+    where IVF is exact; HNSW's efSearch runs 16, 32, ... 4096 (a search raises it to its k). Recall cannot fall
+    as nprobe grows (a superset of lists is visited), and in practice does not as efSearch grows.
+    A value **reaches the target** when the sample's mean recall minus two standard errors of that mean (the spread
+    of the per-query recalls over ``sqrt(n_queries)``; about 0.005-0.01 at 0.95) is at least the target: the
+    smallest value whose mean alone reached it would give new queries a recall just around the target, below it
+    about half the time (measured: 0.947-0.954 for target 0.95 on 10k x 32 clustered vectors), while the margin puts
+    them above it. When no value reaches the target, the largest one tried is used and a warning gives the recall
+    it reached.
     faiss's own ``ParameterSpace.explore`` was not used: it ranks operating points by measured search time (not
     reproducible from run to run on a shared CPU) and explores the whole grid instead of stopping at the target.
 
@@ -167,13 +170,13 @@ def _add_rows(faiss_index: Any, gallery: np.ndarray, rows: np.ndarray) -> None:
         faiss_index.add_with_ids(gallery[block], block.astype(np.int64))
 
 
-def _sweep_values(index: str, max_value: int) -> list[int]:
-    """The doubling grid, ending at ``max_value``.
+def _sweep_values(first: int, max_value: int) -> list[int]:
+    """The doubling grid from ``first``, ending at ``max_value``.
 
-    >>> _sweep_values("ivf", 230), _sweep_values("ivf", 8), _sweep_values("hnsw", 4096)[:3]
-    ([1, 2, 4, 8, 16, 32, 64, 128, 230], [1, 2, 4, 8], [16, 32, 64])
+    >>> _sweep_values(1, 230), _sweep_values(3, 16), _sweep_values(16, 4096)[:3], _sweep_values(9, 8)
+    ([1, 2, 4, 8, 16, 32, 64, 128, 230], [3, 6, 12, 16], [16, 32, 64], [8])
     """
-    value, values = (1 if index == "ivf" else _HNSW_EF_FIRST), []
+    value, values = first, []
     while value < max_value:
         values.append(value)
         value *= 2
@@ -181,12 +184,21 @@ def _sweep_values(index: str, max_value: int) -> list[int]:
 
 
 def add_and_tune(
-    faiss_index: Any, index: str, gallery: np.ndarray, held: np.ndarray, *, k: int, target: float, max_value: int
+    faiss_index: Any,
+    index: str,
+    gallery: np.ndarray,
+    held: np.ndarray,
+    *,
+    k: int,
+    target: float,
+    max_value: int,
+    min_value: int = 1,
 ) -> IndexTuning:
     """Fill an empty (trained) index with ``gallery`` (N, D), choosing its knob on the ``held`` rows (module doc).
 
-    ``max_value`` is the last value of the sweep (IVF: nlist, or the GPU's limit; HNSW: :data:`MAX_EF_SEARCH`). The
-    index gets every row under its own id; the knob is left at the chosen value.
+    ``max_value`` is the last value of the sweep (IVF: nlist, or the GPU's limit; HNSW: :data:`MAX_EF_SEARCH`),
+    ``min_value`` the first for IVF (HNSW: 16). The index gets every row under its own id; the knob is left at the
+    chosen value.
     """
     rest = np.setdiff1d(np.arange(len(gallery)), held)  # (N - S,) sorted
     _add_rows(faiss_index, gallery, rest)
@@ -202,7 +214,7 @@ def add_and_tune(
             tried[value] = _recall(found, truth)
         return tried[value][1] >= target
 
-    values = _sweep_values(index, max_value)
+    values = _sweep_values(min(min_value, max_value) if index == "ivf" else _HNSW_EF_FIRST, max_value)
     hi = next((v for v in values if reaches(v)), None)
     if hi is not None:
         lo = max((v for v in tried if v < hi), default=0)  # the value before, which missed (0: none)

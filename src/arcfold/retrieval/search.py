@@ -274,7 +274,8 @@ def build_index(
     n, d = g.shape
     _check_choice(index, "index", INDEX_KINDS)
     target = check_target_recall(target_recall)
-    k_tune = min(_check_positive_int(k, "k"), MAX_TUNE_K)
+    k = _check_positive_int(k, "k")
+    k_tune = min(k, MAX_TUNE_K)
     explicit = None  # the knob given by the caller: no sweep
     if index != "exact":
         value, name = (nprobe, "nprobe") if index == "ivf" else (ef_search, "ef_search")
@@ -315,7 +316,9 @@ def build_index(
         return faiss_index
     if held is not None:
         max_value = (min(n_lists, _GPU_MAX_K) if gpu else n_lists) if index == "ivf" else MAX_EF_SEARCH
-        tuning = add_and_tune(faiss_index, index, g, held, k=k_tune, target=target, max_value=max_value)
+        min_value = math.ceil(2 * k * n_lists / n_fill) if index == "ivf" else 1  # lists holding ~2k items
+        tuning = add_and_tune(faiss_index, index, g, held, k=k_tune, target=target, max_value=max_value,
+                              min_value=min_value)  # fmt: skip
     else:
         faiss_index.add(g)
         tuning = _fixed_knob(index, explicit, target, n, cpu_index.nlist if index == "ivf" else 0)
