@@ -306,11 +306,12 @@ def build_index(
         pool = np.setdiff1d(np.arange(n), held) if held is not None else None  # never train on the held-out rows
         n_pool = n if pool is None else len(pool)
         n_train = min(n_pool, _MAX_POINTS_PER_LIST * n_lists)
-        train = g if pool is None else g[pool]
+        rows = None  # all of the pool
         if n_train < n_pool:
             rows = np.sort(np.random.default_rng(_TRAIN_SEED).choice(n_pool, size=n_train, replace=False))
-            train = train[rows]  # (n_train, D)
-        faiss_index.train(train)
+        if pool is not None:
+            rows = pool if rows is None else pool[rows]
+        faiss_index.train(g if rows is None else g[rows])  # (n_train, D)
     if index == "exact":
         faiss_index.add(g)
         return faiss_index
