@@ -210,6 +210,11 @@ def test_index_files_that_do_not_belong_together_are_refused(clustered, tmp_path
     (tmp_path / "a.ivf.json").write_text((tmp_path / "b.ivf.json").read_text())
     with pytest.raises(CorruptFileError, match=r"a.ivf holds 500 vectors of D=32 but .*a.ivf.json records 600"):
         load_index(tmp_path / "a.ivf")
+    (tmp_path / "a.ivf.json").write_text(
+        json.dumps({"format": "arcfold.index/1", "ntotal": 500, "d": 32, "tuning": {"x": 1}})
+    )
+    with pytest.raises(CorruptFileError, match=r"a.ivf.json: its \"tuning\" record is not one save_index writes"):
+        load_index(tmp_path / "a.ivf")
     (tmp_path / "a.ivf.json").write_text("{}")
     with pytest.raises(CorruptFileError, match="not an arcfold index record"):
         load_index(tmp_path / "a.ivf")

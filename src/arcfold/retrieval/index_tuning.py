@@ -307,7 +307,10 @@ def load_index(path: str | Path) -> tuple[Any, IndexTuning | None]:
             f"{path} holds {faiss_index.ntotal} vectors of D={faiss_index.d} but {meta_path} records "
             f"{meta.get('ntotal')} of D={meta.get('d')}: the two files do not belong together"
         )
-    tuning = IndexTuning(**meta["tuning"]) if meta.get("tuning") else None
+    try:
+        tuning = IndexTuning(**meta["tuning"]) if meta.get("tuning") else None
+    except TypeError as e:
+        raise CorruptFileError(f'{meta_path}: its "tuning" record is not one save_index writes ({e})') from e
     if tuning is not None:
         set_knob(faiss_index, tuning.index, tuning.value)
     return faiss_index, tuning
