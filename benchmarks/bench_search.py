@@ -4,18 +4,23 @@ Gallery: ``N`` L2-normalised clustered float32 vectors at D=128 (``_bench_common
 1000 further vectors drawn around the same class centres (so they have true neighbours in the gallery), k=10.
 
 * faiss exact / ivf / hnsw: ``arcfold.retrieval.search.build_index`` with search.py's defaults (IVF:
-  ``nlist = 4 sqrt(N)`` capped so each list has >= 39 points, ``nprobe = nlist / 4`` (``default_nprobe``; 16
-  before), trained on <= 256 points per list; HNSW: ``M=32``, ``efSearch=128``). Build time is reported
-  separately; the search time is ``index.search`` of the 1000 queries.
+  ``nlist = 4 sqrt(N)`` capped so each list has >= 39 points, trained on <= 256 points per list; HNSW: ``M=32``),
+  each approximate index built once, with its knob chosen for ``target_recall=0.95`` (``--target-recall``) on
+  held-out gallery rows (``arcfold.retrieval.index_tuning``; build time includes that sweep, whose own seconds are
+  reported too). Searched at that knob (``ivf_target``, ``hnsw_target``) and at the former fixed defaults
+  (``target_recall=None``: ``nprobe = nlist / 4``, ``efSearch=128``; ``ivf``, ``hnsw``), same index. The search
+  time is ``index.search`` of the 1000 queries.
 * torch: ``arcfold.retrieval.search.search(..., backend="torch")`` (exact chunked matmul + top-k with the exact
   tie rule).
-* recall@10 vs exact: mean over queries of |approx top-10 ∩ faiss exact top-10| / 10 (target >= 0.95).
+* recall@10 vs exact: mean over queries of |approx top-10 ∩ faiss exact top-10| / 10 (target >= 0.95), with its
+  standard error over the 1000 queries (``recall_se``).
 
 Search methods alternate within each of ``--rounds`` rounds, and the median is reported, so machine drift (shared
 2-core VM) hits them alike. HNSW is skipped at a size whose build is projected (from the previous size, x N ratio x
 1.2) to exceed ``--max-build`` seconds; the projection is recorded. Run from the project root::
 
-    python benchmarks/bench_search.py [--sizes 10000,100000,1000000] [--rounds 3] [--keep-previous]
+    python benchmarks/bench_search.py [--sizes 10000,100000,1000000] [--rounds 3] [--target-recall 0.95] \\
+        [--keep-previous]
 
 ``--keep-previous`` keeps the rows of other sizes from the last ``benchmarks/results/bench_search.json`` (their
 command is listed too), so one size can be re-measured alone.
@@ -53,22 +58,31 @@ NPROBE_SWEEP = (16, 32, 64, 128, 256)
 EF_SWEEP = (128, 256, 512)
 
 
+def per_query_recall(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    return (exact[:, :, None] == approx[:, None, :]).any(axis=2).mean(axis=1)  # (Q,)
+
+
 def recall_vs_exact(approx: np.ndarray, exact: np.ndarray) -> float:
-    hits = [len(np.intersect1d(a, e)) for a, e in zip(approx, exact, strict=True)]
-    return float(np.mean(hits)) / exact.shape[1]
+    return float(per_query_recall(approx, exact).mean())
 
 
 def bench_size(
-    n: int, rounds: int, hnsw_projection: float | None, max_build: float, noise: float, approx_max_n: int
+    n: int,
+    rounds: int,
+    hnsw_projection: float | None,
+    max_build: float,
+    noise: float,
+    approx_max_n: int,
+    target_recall: float,
 ) -> dict:
-    from arcfold.retrieval.search import build_index, default_nlist, default_nprobe, search
+    from arcfold.retrieval.index_tuning import set_knob
+    from arcfold.retrieval.search import build_index, default_nprobe, search
 
     x, _ = clustered_embeddings(n + N_QUERIES, D, seed=1, noise=noise)
     gallery, queries = x[:n], x[n:]  # (N, D), (1000, D)
-    row: dict = {"n_gallery": n, "d": D, "noise": noise, "n_queries": N_QUERIES, "k": K, "nlist": default_nlist(n)}
-    row["nprobe"] = default_nprobe(row["nlist"])
+    row: dict = {"n_gallery": n, "d": D, "noise": noise, "n_queries": N_QUERIES, "k": K, "target_recall": target_recall}
 
-    indexes, build_s = {}, {}
+    indexes, build_s, knobs = {}, {}, {}
     for kind in ("exact", "ivf", "hnsw"):
         if kind != "exact" and n > approx_max_n:
             row[f"{kind}_skipped"] = f"N > --approx-max-n {approx_max_n}"
@@ -77,21 +91,34 @@ def bench_size(
             row["hnsw_skipped"] = f"projected build {hnsw_projection:.0f} s > --max-build {max_build:.0f} s"
             print(f"[{NAME}] N={n}: skipping hnsw, {row['hnsw_skipped']}", flush=True)
             continue
+        report: list[dict] = []
         t0 = time.perf_counter()
-        indexes[kind] = build_index(gallery, index=kind)
+        indexes[kind] = build_index(gallery, index=kind, target_recall=target_recall, k=K, report=report)
         build_s[kind] = time.perf_counter() - t0
-        print(f"[{NAME}] N={n}: built {kind} in {build_s[kind]:.1f} s", flush=True)
+        if report:
+            row[f"{kind}_tuning"] = report[0]
+            knobs[f"{kind}_target"] = (kind, report[0]["value"])
+        print(f"[{NAME}] N={n}: built {kind} in {build_s[kind]:.1f} s {report}", flush=True)
     row["build_seconds"] = build_s
+    if "ivf" in indexes:
+        row["nlist"] = indexes["ivf"].nlist
+        row["nprobe"] = default_nprobe(row["nlist"])
+        knobs["ivf"] = ("ivf", row["nprobe"])
+    if "hnsw" in indexes:
+        knobs["hnsw"] = ("hnsw", 128)
 
-    def run(kind: str) -> tuple[float, np.ndarray]:
+    def run(method: str) -> tuple[float, np.ndarray]:
+        kind = knobs[method][0] if method in knobs else method
+        if method in knobs:
+            set_knob(indexes[kind], kind, knobs[method][1])  # the same index at another knob value
         t0 = time.perf_counter()
-        if kind == "torch":
+        if method == "torch":
             _, idx = search(queries, gallery, K, backend="torch", device="cpu")
         else:
             _, idx = indexes[kind].search(queries, K)
         return time.perf_counter() - t0, idx
 
-    methods = [*indexes, "torch"]
+    methods = ["exact", *knobs, "torch"]
     times: dict[str, list[float]] = {m: [] for m in methods}
     results: dict[str, np.ndarray] = {}
     for r in range(rounds):
@@ -101,18 +128,20 @@ def bench_size(
             results[m] = idx
     row["seconds_per_1k_queries"] = {m: float(np.median(t)) * 1000 / N_QUERIES for m, t in times.items()}
     row["all_seconds"] = times
-    row["recall@10_vs_exact"] = {m: recall_vs_exact(results[m], results["exact"]) for m in methods}
+    recalls = {m: per_query_recall(results[m], results["exact"]) for m in methods}
+    row["recall@10_vs_exact"] = {m: float(r.mean()) for m, r in recalls.items()}
+    row["recall_se"] = {m: float(r.std(ddof=1) / np.sqrt(len(r))) for m, r in recalls.items()}
 
     # Settings sweep (one timing each): which nprobe / efSearch would reach recall@10 >= 0.95 on this data.
     sweep: dict[str, dict[int, dict[str, float]]] = {"ivf_nprobe": {}, "hnsw_ef_search": {}}
     for nprobe in NPROBE_SWEEP if "ivf" in indexes else ():
-        indexes["ivf"].nprobe = min(nprobe, indexes["ivf"].nlist)
-        seconds, idx = run("ivf")
+        knobs["sweep"] = ("ivf", min(nprobe, indexes["ivf"].nlist))
+        seconds, idx = run("sweep")
         sweep["ivf_nprobe"][nprobe] = {"recall@10": recall_vs_exact(idx, results["exact"]), "s_per_1k": seconds}
     if "hnsw" in indexes:
         for ef in EF_SWEEP:
-            indexes["hnsw"].hnsw.efSearch = ef
-            seconds, idx = run("hnsw")
+            knobs["sweep"] = ("hnsw", ef)
+            seconds, idx = run("sweep")
             sweep["hnsw_ef_search"][ef] = {"recall@10": recall_vs_exact(idx, results["exact"]), "s_per_1k": seconds}
     row["sweep"] = sweep
     print(f"[{NAME}] N={n}: {row['seconds_per_1k_queries']} recall {row['recall@10_vs_exact']}", flush=True)
@@ -130,6 +159,7 @@ def main() -> None:
         default=10**9,
         help="skip IVF and HNSW above this gallery size (their builds take many minutes on 2 cores at 1M)",
     )
+    p.add_argument("--target-recall", type=float, default=0.95, help="build_index's target_recall (IVF/HNSW knob)")
     p.add_argument("--keep-previous", action="store_true", help="keep other sizes' rows from the last results")
     p.add_argument(
         "--noise",
@@ -148,11 +178,12 @@ def main() -> None:
     for n in [int(s) for s in a.sizes.split(",")]:
         if rows and "hnsw" in rows[-1]["build_seconds"]:
             projection = rows[-1]["build_seconds"]["hnsw"] * n / rows[-1]["n_gallery"] * 1.2
-        rows.append(bench_size(n, a.rounds, projection, a.max_build, a.noise, a.approx_max_n))
+        rows.append(bench_size(n, a.rounds, projection, a.max_build, a.noise, a.approx_max_n, a.target_recall))
     m = machine()
     command = (
         f"python benchmarks/bench_search.py --sizes {a.sizes} --rounds {a.rounds} --max-build {a.max_build:g} "
-        f"--noise {a.noise:g} --approx-max-n {a.approx_max_n}" + (" --keep-previous" if a.keep_previous else "")
+        f"--noise {a.noise:g} --approx-max-n {a.approx_max_n} --target-recall {a.target_recall:g}"
+        + (" --keep-previous" if a.keep_previous else "")
     )
     for row in rows:
         row["command"] = command
@@ -179,11 +210,39 @@ def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) ->
         f"GPU: {NO_GPU}{gpu_note}; faiss-gpu rows skipped.",
         "",
         f"Clustered unit vectors (noise norm {a.noise:g} around unit class centres), 1000 queries drawn around the",
-        "gallery's class centres. faiss indexes built by",
-        "`arcfold.retrieval.search.build_index` at search.py's defaults (IVF-Flat `nlist=4*sqrt(N)`, `nprobe=nlist/4`",
-        "(column nprobe; rows without it ran at the former default 16); HNSW-Flat",
-        "`M=32`, `efSearch=128`); build time separate. torch = `search(backend='torch')`, exact. Median of alternating",
-        f"rounds ({a.rounds}) in one process; shared noisy VM, compare within a row. Recall@10 is against faiss exact.",
+        "gallery's class centres (never in the gallery). faiss indexes built by `arcfold.retrieval.search.build_index`",
+        "(IVF-Flat `nlist=4*sqrt(N)`, HNSW-Flat `M=32`), each approximate index once, its knob chosen for",
+        "`target_recall` on held-out gallery rows (`arcfold.retrieval.index_tuning`; the build time includes that",
+        "sweep); torch = `search(backend='torch')`, exact. Median of alternating rounds in one process; shared noisy",
+        "VM, compare within a row. Recall@10 is against faiss exact on the 1000 queries (± its standard error).",
+        "",
+        "**`search.target_recall` (default 0.95)**: the knob chosen on the gallery, then searched with it.",
+        "",
+        "| gallery N | target | exact s/1k q | IVF nprobe (of nlist) | IVF s/1k q | IVF recall@10 | IVF sweep s "
+        "| HNSW efSearch | HNSW s/1k q | HNSW recall@10 | HNSW sweep s | IVF build s | HNSW build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in (r for r in rows if "target_recall" in r):  # rows measured before target_recall had none
+        t, rc, se = row["seconds_per_1k_queries"], row["recall@10_vs_exact"], row["recall_se"]
+        b = row["build_seconds"]
+        cells = [str(row["n_gallery"]), f"{row['target_recall']:g}"]
+        cells.append(f"{t['exact']:.4f}")
+        for kind in ("ivf", "hnsw"):
+            tuning, method = row.get(f"{kind}_tuning"), f"{kind}_target"
+            if tuning is None or method not in t:
+                cells += ["-", "-", "-", "-"]
+                continue
+            of = f" (of {row['nlist']})" if kind == "ivf" else ""
+            cells.append(f"{tuning['value']}{of}" + ("" if tuning["reached"] else " (not reached)"))
+            cells.append(f"{t[method]:.4f}")
+            cells.append(f"{rc[method]:.4f} ± {se[method]:.4f}")
+            cells.append(f"{tuning['seconds']:.1f}")
+        cells += [f"{b[k]:.1f}" if k in b else row.get(f"{k}_skipped", "") for k in ("ivf", "hnsw")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "**Former fixed defaults** (`target_recall: null`): IVF `nprobe=nlist/4` (column nprobe; rows without it ran",
+        "at 16), HNSW `efSearch=128`; rows with a target column searched the same indexes as above at these knobs.",
         "",
         "| gallery N | nlist | nprobe | exact s/1k q | IVF s/1k q | HNSW s/1k q | torch s/1k q | IVF build s |"
         " HNSW build s | IVF recall@10 | HNSW recall@10 | torch recall@10 |",
@@ -198,8 +257,8 @@ def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) ->
         hnsw_b = f"{b['hnsw']:.1f}" if "hnsw" in b else row.get("hnsw_skipped", "")
         hnsw_r = f"{rc['hnsw']:.4f}" if "hnsw" in rc else "-"
         lines.append(
-            f"| {row['n_gallery']} | {row['nlist']} | {row.get('nprobe', 16)} | {t['exact']:.4f} | {ivf_t} | {hnsw_t} "
-            f"| {t['torch']:.4f} "
+            f"| {row['n_gallery']} | {row.get('nlist', '-')} | {row.get('nprobe', 16)} | {t['exact']:.4f} | {ivf_t} "
+            f"| {hnsw_t} | {t['torch']:.4f} "
             f"| {ivf_b} | {hnsw_b} | {ivf_r} | {hnsw_r} | {rc['torch']:.4f} |"
         )
     lines += [

@@ -21,6 +21,7 @@ DEFERRED = {
     ("io.py", "torch"),
     ("io.py", "fcntl"),
     ("retrieval/search.py", "faiss"),
+    ("retrieval/index_tuning.py", "faiss"),
     ("__main__.py", "arcfold.stages.cli"),
 }
 

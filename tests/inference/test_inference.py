@@ -456,6 +456,24 @@ def test_retrieval_and_recognition_submissions_match_an_exact_search(trained, gl
     assert all(abs(float(cell.split()[1]) - 1.0) < 1e-4 for cell in rec["landmarks"])
 
 
+def test_an_approximate_index_reports_its_knob(trained, glyphs_input, caplog) -> None:
+    """search.index=hnsw: efSearch chosen for search.target_recall at recall@5 (top_k 5), logged and in the summary;
+    an explicit search.ef_search wins."""
+    common = ["folds=[0]", "submission.top_k=5", "rerank=none", "search.index=hnsw", "search.device=cpu"]
+    cfg, oof = _cfg(trained, glyphs_input, *common, "submission.name=hnsw", "search.target_recall=0.9")
+    with caplog.at_level("INFO", logger="arcfold.retrieval.index_tuning"):
+        summary = run_inference(cfg)
+    (t,) = summary["search"]["indexes"]
+    assert summary["search"]["index"] == "hnsw"
+    assert (t["knob"], t["source"], t["target_recall"], t["k"]) == ("efSearch", "target_recall", 0.9, 5)
+    assert t["reached"] is True
+    assert t["n_queries"] == len(oof["ids"]) // 10 and t["recall_lower"] >= 0.9
+    assert f"hnsw index: efSearch={t['value']} reaches target_recall 0.9: recall@5 {t['recall']:.3f}" in caplog.text
+    cfg, _ = _cfg(trained, glyphs_input, *common, "submission.name=hnsw64", "search.ef_search=64")
+    (t,) = run_inference(cfg)["search"]["indexes"]
+    assert (t["value"], t["source"], t["tried"]) == (64, "explicit", [])
+
+
 def _offline_env(tmp_path: Path) -> dict[str, str]:
     """A Python that cannot open a network connection (a sitecustomize patches socket) and has no PYTHONPATH."""
     site = tmp_path / "offline_site"

@@ -139,7 +139,7 @@ def test_build_index_kinds_and_defaults() -> None:
     assert isinstance(ivf, faiss.IndexIVFFlat) and ivf.metric_type == faiss.METRIC_INNER_PRODUCT
     assert ivf.nlist == default_nlist(4000) == 102  # 4 * sqrt(4000) = 253, but 4000 // 39 = 102
     assert ivf.nprobe == 8 and ivf.ntotal == 4000
-    assert build_index(gallery, index="ivf").nprobe == default_nprobe(102) == 26  # a quarter of the lists
+    assert build_index(gallery, index="ivf", target_recall=None).nprobe == default_nprobe(102) == 26  # a quarter
     assert default_nprobe(1265) == 317 and default_nprobe(40) == 16 and default_nprobe(8) == 8
     assert build_index(gallery, index="ivf", nlist=4, nprobe=16).nprobe == 4  # nprobe is capped at nlist
     hnsw = build_index(gallery, index="hnsw", hnsw_m=16, ef_search=77)

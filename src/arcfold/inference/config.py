@@ -57,9 +57,13 @@ class SearchConfig:
     backend: str = "auto"  # auto (faiss if installed) | faiss | torch
     device: str = "auto"  # auto (faiss GPU when present) | cpu | cuda
     nlist: int | None = None  # ivf lists; default ~4 sqrt(N)
-    nprobe: int | None = None  # ivf lists visited per query; default nlist / 4 (recall@10 >= 0.95, see search.py)
+    # The search knob of ivf / hnsw: nprobe (lists visited per query) / ef_search (HNSW's efSearch). null: the smallest
+    # value whose recall@min(k, 10) against exact search reaches target_recall on up to 2000 gallery rows held out
+    # of the index (a short doubling sweep, logged; retrieval/index_tuning.py); a value given here wins (no sweep).
+    nprobe: int | None = None
     hnsw_m: int = 32
-    ef_search: int = 128
+    ef_search: int | None = None
+    target_recall: float | None = 0.95  # in (0, 1]; null: no sweep, the former fixed nprobe = nlist / 4, ef_search 128
 
 
 @dataclass
@@ -138,6 +142,9 @@ def _validate(cfg: InferenceConfig) -> None:
         problems.append(f"search.index must be one of {', '.join(INDEX_KINDS)} (got {cfg.search.index!r})")
     if cfg.search.backend not in ("auto", "faiss", "torch"):
         problems.append(f"search.backend must be auto, faiss or torch (got {cfg.search.backend!r})")
+    target = cfg.search.target_recall
+    if target is not None and not 0 < target <= 1:
+        problems.append(f"search.target_recall must be in (0, 1] or null (got {target})")
     if cfg.vote.mode not in ("max", "sum"):
         problems.append(f"vote.mode must be max or sum (got {cfg.vote.mode!r})")
     if cfg.amp not in ("auto", "fp16", "bf16", "off"):
@@ -156,4 +163,5 @@ def _validate(cfg: InferenceConfig) -> None:
         if value < 1:
             problems.append(f"{name} must be >= 1 (got {value})")
     if problems:
-        raise ConfigError("invalid inference config:\n  " + "\n  ".join(problems))
+        sep = " " if len(problems) == 1 else "\n  "  # one problem: one line
+        raise ConfigError("invalid inference config:" + sep + sep.join(problems))

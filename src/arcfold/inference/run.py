@@ -30,8 +30,11 @@ What it does, in order (timings of each stage are logged at the end):
    ``recognition`` (for both recognition and top5): ``<oof_dir>/<experiment>/rerank-<task>.json``, then the same
    name under ``<models_dir>/<experiment>/``, or ``<blend>.rerank-<task>.json`` beside a blend spec; ``none``
    turns it off; a path names one) and the search settings of ``search`` (exact / IVF / HNSW, faiss GPU when
-   present, chunked). ``recognition`` and ``top5`` need the recognition spec's vote (its ``new_label``
-   threshold was chosen on OOF): without one, ``rerank: auto`` is an error naming the command that makes it
+   present, chunked; the knob of an IVF / HNSW index is chosen on the gallery for ``search.target_recall``, unless
+   ``search.nprobe`` / ``search.ef_search`` is set: one log line per index built, and the records in the returned
+   summary's ``search.indexes``, see :mod:`arcfold.retrieval.index_tuning`). ``recognition`` and ``top5`` need the
+   recognition spec's vote (its ``new_label`` threshold was chosen on OOF): without one, ``rerank: auto`` is an
+   error naming the command that makes it
    (``python -m arcfold rerank --experiment NAME --task recognition``), and so is a spec of the retrieval task;
    ``rerank: none`` votes with the config's ``vote`` instead (a warning for top5 when ``vote.threshold`` is null:
    the new label is then never predicted).
@@ -186,6 +189,7 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
     if vote is None:
         vote = {"k": cfg.vote.k, "mode": cfg.vote.mode, "threshold": cfg.vote.threshold}
     search_kwargs = {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.search)).items()}
+    search_kwargs["report"] = index_reports = []  # the knob of every approximate index the searches build
     with timer("search + rerank"):
         if fmt == "retrieval":
             _, idx = rerank_pipeline(q, g, steps, min(cfg.submission.top_k, len(gallery.ids)), **search_kwargs)
@@ -215,6 +219,7 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
             "steps": steps,
             "vote": vote if fmt != "retrieval" else None,
         },
+        "search": {"index": cfg.search.index, "indexes": index_reports},
         "seconds": {**{k: round(v, 2) for k, v in timer.seconds.items()}, "total": round(total, 2)},
     }
 

@@ -14,15 +14,22 @@ Index kinds (``INDEX_KINDS``)
         faiss ``IndexIVFFlat`` with an inner-product coarse quantizer. ``nlist`` defaults to ``4 * sqrt(N)``, lowered
         so that every list gets at least 39 training points (faiss's k-means warns below that), and at least 1. It is
         trained on the gallery itself, or on a seeded sample of ``256 * nlist`` rows when the gallery is larger (faiss
-        would subsample that much anyway). Vectors are stored uncompressed, so returned similarities are exact; only
-        the candidate set is approximate. ``nprobe`` lists are visited per query (at most ``nlist``); by default a
-        quarter of them (:func:`default_nprobe`, at least 16), which reaches recall@10 >= 0.95 against exact search
-        on the clustered benchmark vectors of ``BENCHMARKS.md`` (0.965 / 0.962 / 0.960 at 10k / 100k / 1M). That
-        scans about a quarter of the gallery (no faster than faiss exact on the benchmark CPU): on real,
-        better-separated embeddings a much smaller ``nprobe`` often suffices (measure it on the OOF embeddings).
+        would subsample that much anyway); with a ``target_recall`` sweep, N and the gallery exclude the held-out rows.
+        Vectors are stored uncompressed, so returned similarities are exact; only the candidate set is approximate.
+        ``nprobe`` lists are visited per query (at most ``nlist``): the value chosen for ``target_recall`` (below)
+        unless ``nprobe`` is given; with ``target_recall=None`` a quarter of them (:func:`default_nprobe`, at least
+        16), which scans about a quarter of the gallery.
     ``"hnsw"``
-        faiss ``IndexHNSWFlat(D, hnsw_m, METRIC_INNER_PRODUCT)`` searched with ``efSearch = max(ef_search, k)``.
+        faiss ``IndexHNSWFlat(D, hnsw_m, METRIC_INNER_PRODUCT)`` searched with ``efSearch = max(ef_search, k)``,
+        ``ef_search`` being the value chosen for ``target_recall`` unless given (128 with ``target_recall=None``).
         Always built and searched on the CPU: faiss has no GPU HNSW.
+
+Search knob (``target_recall``, default 0.95)
+    When an IVF or HNSW index is built without an explicit ``nprobe`` / ``ef_search``, the knob is the smallest value
+    of a short doubling sweep whose recall@min(k, 10) against exact search reaches ``target_recall``, measured on
+    up to 2000 gallery rows held out of the index while it is tuned (then added): see
+    :mod:`arcfold.retrieval.index_tuning`, which also saves and loads indexes with their knob. The choice is logged
+    and, when ``report`` is a list, appended to it (:class:`arcfold.retrieval.index_tuning.IndexTuning` as a dict).
 
 Backends and devices
     ``backend="auto"`` uses faiss when it can be imported, else torch. The torch backend is exact only; asking it
@@ -59,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -66,6 +74,18 @@ import torch
 from tqdm.auto import tqdm
 
 from arcfold.logs import quiet_loaders
+from arcfold.retrieval.index_tuning import (
+    DEFAULT_EF_SEARCH,
+    KNOBS,
+    MAX_EF_SEARCH,
+    MAX_TUNE_K,
+    IndexTuning,
+    add_and_tune,
+    check_target_recall,
+    held_out_rows,
+    hnsw_params,
+    set_knob,
+)
 from arcfold.retrieval.metrics import knn
 
 log = logging.getLogger(__name__)
@@ -235,31 +255,45 @@ def build_index(
     nlist: int | None = None,
     nprobe: int | None = None,
     hnsw_m: int = 32,
-    ef_search: int = 128,
+    ef_search: int | None = None,
+    target_recall: float | None = 0.95,
+    k: int = MAX_TUNE_K,
+    report: list[dict[str, Any]] | None = None,
 ) -> Any:
     """A faiss inner-product index of kind ``index`` holding ``gallery`` (N, D) float32 (see the module docstring).
 
     ``gpu=True`` moves exact/IVF indexes to GPU 0 before training and adding (the caller checks
-    :func:`faiss_gpu_available`). The returned index is ready to search; for HNSW, ``efSearch`` is ``ef_search``.
+    :func:`faiss_gpu_available`). The returned index is ready to search with its knob (IVF ``nprobe``, HNSW
+    ``efSearch``): ``nprobe`` / ``ef_search`` when given, else chosen for ``target_recall`` at recall@min(k, 10)
+    (module docstring, "Search knob"), else the defaults; for IVF and HNSW, the record of which and why
+    (:class:`arcfold.retrieval.index_tuning.IndexTuning` as a dict) is appended to ``report`` when it is a list.
     """
     import faiss
 
     g = as_matrix(gallery, "gallery")  # (N, D)
     n, d = g.shape
     _check_choice(index, "index", INDEX_KINDS)
+    target = check_target_recall(target_recall)
+    k = _check_positive_int(k, "k")
+    k_tune = min(k, MAX_TUNE_K)
+    explicit = None  # the knob given by the caller: no sweep
+    if index != "exact":
+        value, name = (nprobe, "nprobe") if index == "ivf" else (ef_search, "ef_search")
+        explicit = _check_positive_int(value, name, allow_none=True)
+    held = held_out_rows(n, k_tune) if index != "exact" and explicit is None and target is not None else None
     if index == "exact":
         cpu_index = faiss.IndexFlatIP(d)
     elif index == "ivf":
-        n_lists = default_nlist(n) if nlist is None else _check_positive_int(nlist, "nlist")
+        n_fill = n if held is None else n - len(held)  # the rows the lists are trained on
+        n_lists = default_nlist(n_fill) if nlist is None else _check_positive_int(nlist, "nlist")
         if n_lists > n:
             raise ValueError(f"nlist={n_lists} is more than the {n} gallery items to train on")
         quantizer = faiss.IndexFlatIP(d)
         cpu_index = faiss.IndexIVFFlat(quantizer, d, n_lists, faiss.METRIC_INNER_PRODUCT)
-        probe = default_nprobe(n_lists) if nprobe is None else _check_positive_int(nprobe, "nprobe")
-        cpu_index.nprobe = min(probe, n_lists)
     else:
         cpu_index = faiss.IndexHNSWFlat(d, _check_positive_int(hnsw_m, "hnsw_m"), faiss.METRIC_INNER_PRODUCT)
-        cpu_index.hnsw.efSearch = _check_positive_int(ef_search, "ef_search")
+        if held is not None:  # the held-out rows are added last under their own ids
+            cpu_index = faiss.IndexIDMap(cpu_index)
 
     faiss_index = cpu_index
     if gpu:
@@ -269,21 +303,47 @@ def build_index(
         faiss_index.referenced_objects = [*getattr(faiss_index, "referenced_objects", []), resources]
     if index == "ivf":
         n_lists = cpu_index.nlist
-        n_train = min(n, _MAX_POINTS_PER_LIST * n_lists)
-        train = g
-        if n_train < n:
-            rows = np.sort(np.random.default_rng(_TRAIN_SEED).choice(n, size=n_train, replace=False))
-            train = g[rows]  # (n_train, D)
-        faiss_index.train(train)
-        if gpu:
-            faiss_index.nprobe = cpu_index.nprobe  # the GPU copy was made before nprobe mattered; set it again
-    faiss_index.add(g)
+        pool = np.setdiff1d(np.arange(n), held) if held is not None else None  # never train on the held-out rows
+        n_pool = n if pool is None else len(pool)
+        n_train = min(n_pool, _MAX_POINTS_PER_LIST * n_lists)
+        rows = None  # all of the pool
+        if n_train < n_pool:
+            rows = np.sort(np.random.default_rng(_TRAIN_SEED).choice(n_pool, size=n_train, replace=False))
+        if pool is not None:
+            rows = pool if rows is None else pool[rows]
+        faiss_index.train(g if rows is None else g[rows])  # (n_train, D)
+    if index == "exact":
+        faiss_index.add(g)
+        return faiss_index
+    if held is not None:
+        max_value = (min(n_lists, _GPU_MAX_K) if gpu else n_lists) if index == "ivf" else MAX_EF_SEARCH
+        min_value = math.ceil(2 * k * n_lists / n_fill) if index == "ivf" else 1  # lists holding ~2k items
+        tuning = add_and_tune(faiss_index, index, g, held, k=k_tune, target=target, max_value=max_value,
+                              min_value=min_value)  # fmt: skip
+    else:
+        faiss_index.add(g)
+        tuning = _fixed_knob(index, explicit, target, n, cpu_index.nlist if index == "ivf" else 0)
+    set_knob(faiss_index, index, tuning.value)
+    if report is not None:
+        report.append(asdict(tuning))
     return faiss_index
 
 
-def _set_search_params(faiss_index: Any, index: str, k_search: int, ef_search: int) -> None:
+def _fixed_knob(index: str, explicit: int | None, target: float | None, n: int, n_lists: int) -> IndexTuning:
+    """The knob without a sweep: given, the default (no target), or exhaustive (a gallery too small to sample)."""
+    if explicit is not None:
+        value, source = explicit, "explicit"
+    elif target is None:
+        value, source = (default_nprobe(n_lists) if index == "ivf" else DEFAULT_EF_SEARCH), "default"
+    else:
+        value, source = (n_lists if index == "ivf" else max(n, DEFAULT_EF_SEARCH)), "small gallery"
+    return IndexTuning(index, KNOBS[index], min(value, n_lists) if index == "ivf" else value, source, target)
+
+
+def _set_search_params(faiss_index: Any, index: str, k_search: int) -> None:
     if index == "hnsw":
-        faiss_index.hnsw.efSearch = max(int(ef_search), k_search)  # HNSW cannot return more than efSearch items
+        params = hnsw_params(faiss_index)
+        params.efSearch = max(params.efSearch, k_search)  # HNSW cannot return more than efSearch items
 
 
 def _sort_rows(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -338,7 +398,9 @@ def search(
     nlist: int | None = None,
     nprobe: int | None = None,
     hnsw_m: int = 32,
-    ef_search: int = 128,
+    ef_search: int | None = None,
+    target_recall: float | None = 0.95,
+    report: list[dict[str, Any]] | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery items by inner product for every query; (Q, k) float32 sims and (Q, k) int64 idx.
@@ -346,6 +408,7 @@ def search(
     ``queries`` (Q, D), ``gallery`` (N, D), numpy or torch; see the module docstring for index kinds, backends,
     devices, tie order, -1 handling and ``exclude_self`` (query i is gallery item i and is not its own neighbour).
     Requires ``1 <= k <= N`` (``N - 1`` with ``exclude_self``). ``progress`` shows a tqdm bar over query chunks.
+    ``nprobe``, ``ef_search``, ``target_recall``, ``report``: an approximate index's knob (module doc, "Search knob").
 
     >>> g = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
     >>> sims, idx = search(g, g, k=1, exclude_self=True)
@@ -380,10 +443,9 @@ def search(
     else:
         gpu = _resolve_faiss_gpu(device, index, k_search)
         chunk = _check_positive_int(chunk_size, "chunk_size", allow_none=True) or _FAISS_CHUNK
-        faiss_index = build_index(
-            g, index=index, gpu=gpu, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search
-        )
-        _set_search_params(faiss_index, index, k_search, ef_search)
+        knob = dict(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, target_recall=target_recall)
+        faiss_index = build_index(g, index=index, gpu=gpu, k=k, report=report, **knob)
+        _set_search_params(faiss_index, index, k_search)
 
         def search_chunk(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             sims, idx = faiss_index.search(x, k_search)  # (c, k_search) each
