@@ -21,6 +21,7 @@ DEFERRED = {
     ("io.py", "torch"),
     ("io.py", "fcntl"),
     ("retrieval/search.py", "faiss"),
+    ("retrieval/self_knn.py", "faiss"),
     ("__main__.py", "arcfold.stages.cli"),
 }
 

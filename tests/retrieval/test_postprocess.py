@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import functools
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from arcfold.retrieval.postprocess import (
     rerank_pipeline,
 )
 from arcfold.retrieval.search import search
+from arcfold.retrieval.self_knn import self_topk
 from arcfold.retrieval.voting import vote_labels
 
 
@@ -154,11 +156,16 @@ def small_clustered() -> tuple[np.ndarray, np.ndarray]:
     return queries, gallery
 
 
+@pytest.mark.parametrize("block", [None, 37])
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize(
     ("k1", "k2", "lambda_", "scale"), [(20, 6, 0.3, None), (7, 1, 0.3, None), (5, 3, 0.0, None), (9, 4, 0.5, 4.0)]
 )
-def test_k_reciprocal_matches_dense_reference(small_clustered, exclude_self, k1, k2, lambda_, scale) -> None:
+def test_k_reciprocal_matches_dense_reference(
+    small_clustered, monkeypatch, block, exclude_self, k1, k2, lambda_, scale
+) -> None:
+    if block is not None:  # the union's k-NN graph from several (block, block) tiles (its own tests: test_self_knn)
+        monkeypatch.setattr(arcfold.retrieval.postprocess, "self_topk", functools.partial(self_topk, block_size=block))
     queries, gallery = small_clustered
     if exclude_self:
         queries = gallery

@@ -82,6 +82,7 @@ import scipy.sparse as sp
 from arcfold.errors import RerankError
 from arcfold.retrieval.checks import check_int, check_real
 from arcfold.retrieval.search import as_matrix, search
+from arcfold.retrieval.self_knn import self_topk
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +213,29 @@ def _expansion_sets(nn: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(out_rows), np.concatenate(out_cols)
 
 
-def _row_scales(union: np.ndarray, original_scale: str | float, search_kwargs: dict[str, Any]) -> np.ndarray:
-    """Per-row divisor of ``2 - 2 s`` (module docstring, step 1); (|U|,) float64."""
+def _check_original_scale(original_scale: str | float) -> str | float:
     if isinstance(original_scale, str):
         if original_scale != "row_max":
             raise ValueError(f"original_scale must be 'row_max' or a positive number, got {original_scale!r}")
-        neg_max, _ = search(-union, union, 1, **search_kwargs)  # (|U|, 1): max_j <-x_i, x_j> = -min_j s(i, j)
-        scales = 2.0 + 2.0 * neg_max[:, 0].astype(np.float64)  # (|U|,) = 2 - 2 min_j s(i, j)
-        # All items identical (largest distance 0): any positive scale gives the same all-zero distances.
-        return np.where(scales > 0, scales, 1.0)
+        return original_scale
     scale = check_real(original_scale, "original_scale", 0.0)
     if scale == 0:
         raise ValueError("original_scale must be positive")
-    return np.full(len(union), scale)
+    return scale
+
+
+def _row_scales(
+    union: np.ndarray, original_scale: str | float, search_kwargs: dict[str, Any], row_min: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-row divisor of ``2 - 2 s`` (module docstring, step 1); (|U|,) float64. ``row_min``: min_j s(i, j) or None."""
+    if original_scale == "row_max":
+        if row_min is None:
+            neg_max, _ = search(-union, union, 1, **search_kwargs)  # (|U|, 1): max_j <-x_i, x_j> = -min_j s(i, j)
+            row_min = -neg_max[:, 0]
+        scales = 2.0 - 2.0 * row_min.astype(np.float64)  # (|U|,) = 2 - 2 min_j s(i, j)
+        # All items identical (largest distance 0): any positive scale gives the same all-zero distances.
+        return np.where(scales > 0, scales, 1.0)
+    return np.full(len(union), original_scale)
 
 
 def _jaccard_weights(
@@ -313,8 +324,17 @@ def k_reciprocal(
     if k2 > k1 + 1:
         raise ValueError(f"k2={k2} must be <= k1 + 1 = {k1 + 1}")
 
-    scales = _row_scales(union, original_scale, search_kwargs)  # (|U|,)
-    _, nn = search(union, union, k1 + 1, **search_kwargs)  # (|U|, k1 + 1), self normally at rank 0
+    original_scale = _check_original_scale(original_scale)
+    if search_kwargs.get("index", "exact") == "exact":
+        # One blocked pass over the symmetric union gives the k-NN table and each row's smallest similarity.
+        graph = self_topk(
+            union, k1 + 1, row_min=original_scale == "row_max", device=search_kwargs.get("device", "auto")
+        )
+        nn, row_min = graph.idx, graph.row_min  # (|U|, k1 + 1), self normally at rank 0; (|U|,) or None
+    else:
+        row_min = None
+        _, nn = search(union, union, k1 + 1, **search_kwargs)  # (|U|, k1 + 1), self normally at rank 0
+    scales = _row_scales(union, original_scale, search_kwargs, row_min)  # (|U|,)
     v = _jaccard_weights(union, nn, scales, k1, k2)  # (|U|, |U|) sparse
     overlap = _min_overlap(v, query_rows, idx.astype(np.int64) + offset)  # (Q, K)
     jaccard = 1.0 - overlap / (2.0 - overlap)  # (Q, K)

@@ -1,0 +1,197 @@
+"""Exact k-NN of a set against itself, blocked and symmetric, with each row's smallest similarity.
+
+:func:`self_topk` returns what ``search(x, x, k)`` returns with an exact index (``exclude_self`` as there), in
+about half the similarity work, and optionally each row's smallest similarity ``min_j <x_i, x_j>`` from the same
+pass (k-reciprocal re-ranking needs both; the leave-one-out metrics need the first).
+
+Method (CPU, with faiss importable)
+    The similarities ``x @ x.T`` are computed by torch matmul on (block, block) tiles of the upper triangle only:
+    tile (I, J) with J >= I serves the rows of I and, transposed, the rows of J, so the GEMM work is half of a
+    square search. Selection keeps one faiss heap of k values per row (``faiss.float_minheap_array_t``, C++): a
+    tile's rows are pushed whole (``addn_with_ids``: one comparison with the heap's smallest kept value per
+    similarity); for its columns, numpy finds the similarities above each column's current k-th value (a comparison
+    and ``flatnonzero`` per tile; after the first few tiles of a row, a small fraction) and only those are pushed
+    (``addn_query_subset_with_ids``). A transposed copy of the tile is pushed instead while most of it passes (a
+    row's first tiles). Row minima are torch ``amin`` over each tile's two axes.
+
+Ranking and ties
+    The rule of :func:`arcfold.retrieval.search.search`: descending similarity, then ascending index, including which
+    of several tied items make the top k. Each row's heap receives items in ascending index order (tiles of earlier
+    row blocks first, then its own row block's tiles from left to right), and a pushed value enters only when it
+    beats the heap's smallest kept value strictly, so a later equal value never displaces an earlier one. faiss's
+    heaps break ties between kept values towards the larger id; ids are stored reversed (``n - 1 - i``), so the
+    value evicted among equals is the one of larger index. Similarities are float32 GEMM values like those of
+    ``search``'s torch backend, but a (block, block) tile may use another BLAS kernel than a (chunk, n) one, so a
+    value can differ in the last bit (~1e-7) and two items within that of each other may swap. Tests: identical to
+    ``search`` on random data, and to a brute-force reference on integer vectors with many exact ties.
+
+``exclude_self``
+    Row i's own similarity is set to -inf before selection (after the row minimum is taken), as in
+    :func:`arcfold.retrieval.metrics.knn`: duplicates of i are kept.
+
+Fallback
+    Without faiss, or on CUDA (``device="auto"`` with a GPU, or ``"cuda"``): :func:`arcfold.retrieval.metrics.knn`
+    (the square) and, for the row minima, a second k=1 pass over the negated vectors; same results, twice the work.
+
+Memory
+    The heaps, (n, k) float32 + int64, plus three (block, block) buffers (float32 tile, its transpose, a bool mask);
+    never n x n. Hand-written because no library offers a self-join top-k that uses the symmetry: ``faiss.knn``
+    computes the full square and has no row minimum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from arcfold.retrieval.checks import check_int
+from arcfold.retrieval.metrics import knn
+from arcfold.retrieval.search import DEVICES, as_matrix, faiss_available
+
+__all__ = ["SelfTopK", "self_topk"]
+
+# Tile side: a (1024, 1024) float32 tile (4 MiB) stays in the L3 cache between the GEMM and the selection passes.
+_BLOCK = 1024
+# Push a tile's columns through a transposed copy when more than this fraction of its similarities passes the
+# columns' thresholds (a row's first tiles); otherwise push only the passing similarities.
+_DENSE_FRACTION = 0.25
+
+
+class SelfTopK(NamedTuple):
+    """Result of :func:`self_topk`: (n, k) float32 ``sims``, (n, k) int64 ``idx`` (best first) and ``row_min``."""
+
+    sims: np.ndarray
+    idx: np.ndarray
+    row_min: np.ndarray | None  # (n,) float32 min_j <x_i, x_j> over every j (itself included); None unless asked
+
+
+def self_topk(
+    x: np.ndarray | torch.Tensor,
+    k: int,
+    *,
+    exclude_self: bool = False,
+    row_min: bool = False,
+    device: str = "auto",
+    block_size: int = _BLOCK,
+) -> SelfTopK:
+    """Top-``k`` items of ``x`` (n, D) for every item of ``x`` by inner product, as ``search(x, x, k)`` (exact).
+
+    ``row_min``: also return each row's smallest similarity (over all n items, itself included). ``device``: "auto",
+    "cpu" or "cuda" (module docstring: CUDA and a missing faiss use the torch fallback). Requires ``1 <= k <= n``
+    (``n - 1`` with ``exclude_self``).
+
+    >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)  # items 0 and 3 equal
+    >>> res = self_topk(x, 2, row_min=True, device="cpu", block_size=3)
+    >>> res.idx.tolist(), res.row_min.astype(float).round(2).tolist()  # the tie 0/3 goes to the lower index first
+    ([[0, 3], [1, 2], [2, 1], [0, 3]], [0.0, 0.6, 0.0, 0.0])
+    """
+    xs = as_matrix(x, "x")  # (n, D) float32
+    n = len(xs)
+    k = check_int(k, "k", 1)
+    available = n - 1 if exclude_self else n
+    if k > available:
+        raise ValueError(f"k={k} but only {available} items are available per row")
+    block = check_int(block_size, "block_size", 1)
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device")
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if on_gpu or not faiss_available():
+        dev = "cuda" if on_gpu else "cpu"
+        sims, idx = knn(xs, xs, k, exclude_self=exclude_self, device=dev)  # (n, k) each
+        mins = -knn(-xs, xs, 1, device=dev)[0][:, 0] if row_min else None  # (n,)
+        return SelfTopK(sims, idx, mins)
+    sims, idx, mins = _heap_topk(xs, k, exclude_self, block)
+    if not (np.isfinite(sims).all() and np.isfinite(mins).all() and (idx < n).all()):
+        # Inputs are finite, so this is float32 overflow in the dot products (huge un-normalised vectors).
+        raise ValueError("similarities are not finite (float32 overflow); normalise or rescale the embeddings")
+    return SelfTopK(sims, idx, mins if row_min else None)
+
+
+def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tiled pass of the module docstring on the CPU; (n, k) float32 sims, (n, k) int64 idx, (n,) row minima."""
+    import faiss
+
+    n = len(x)
+    xt = torch.from_numpy(x)  # (n, D), shares memory
+    vals = np.empty((n, k), dtype=np.float32)  # (n, k) heap values; column 0 is each heap's smallest kept value
+    rev_ids = np.empty((n, k), dtype=np.int64)  # (n, k) heap ids, stored as n - 1 - index
+    heaps = faiss.float_minheap_array_t()  # keeps the k largest values per row
+    heaps.nh, heaps.k = n, k
+    heaps.val, heaps.ids = faiss.swig_ptr(vals), faiss.swig_ptr(rev_ids)
+    heaps.heapify()
+    reversed_index = np.arange(n - 1, -1, -1, dtype=np.int64)  # (n,) id pushed for item j: n - 1 - j
+    mins = np.full(n, np.inf, dtype=np.float32)  # (n,)
+    side = min(block, n)
+    tile_buf = torch.empty(side * side, dtype=torch.float32)  # flat buffers: every (r, c) view is contiguous
+    tran_buf = torch.empty(side * side, dtype=torch.float32)
+    mask_buf = np.empty(side * side, dtype=bool)
+    with torch.inference_mode():
+        for i0 in range(0, n, block):
+            xi = xt[i0 : i0 + block]  # (r, D)
+            r = len(xi)
+            for j0 in range(i0, n, block):
+                xj = xt[j0 : j0 + block]  # (c, D)
+                c = len(xj)
+                tile = torch.matmul(xi, xj.T, out=tile_buf[: r * c].view(r, c))  # (r, c) similarities
+                s = tile.numpy()
+                np.minimum(mins[i0 : i0 + r], tile.amin(dim=1).numpy(), out=mins[i0 : i0 + r])
+                if j0 != i0:
+                    np.minimum(mins[j0 : j0 + c], tile.amin(dim=0).numpy(), out=mins[j0 : j0 + c])
+                elif exclude_self:
+                    tile.fill_diagonal_(-torch.inf)  # never selected: k <= n - 1 finite values remain per row
+                # Rows of I: ids j0..j0+c-1, ascending.
+                heaps.addn_with_ids(c, faiss.swig_ptr(s), faiss.swig_ptr(reversed_index[j0 : j0 + c]), 0, i0, r)
+                if j0 == i0:
+                    continue  # a diagonal tile holds both orders of each pair; its rows saw everything
+                # Rows of J (the tile's columns): ids i0..i0+r-1, ascending, only the values above each threshold.
+                thresholds = np.ascontiguousarray(vals[j0 : j0 + c, 0])  # (c,)
+                mask = mask_buf[: r * c].reshape(r, c)
+                np.greater(s, thresholds[None, :], out=mask)
+                flat = np.flatnonzero(mask)  # (m,) row-major: by tile row, then column
+                if len(flat) > _DENSE_FRACTION * r * c:
+                    st = tran_buf[: r * c].view(c, r)
+                    st.copy_(tile.T)
+                    heaps.addn_with_ids(
+                        r, faiss.swig_ptr(st.numpy()), faiss.swig_ptr(reversed_index[i0 : i0 + r]), 0, j0, c
+                    )
+                elif len(flat):
+                    _push_sparse(heaps, s.ravel()[flat], flat, c, i0, j0, reversed_index)
+    heaps.reorder()  # each row sorted: descending value, ties by descending stored id = ascending index
+    return vals, n - 1 - rev_ids, mins
+
+
+def _push_sparse(
+    heaps: Any, values: np.ndarray, flat: np.ndarray, c: int, i0: int, j0: int, reversed_index: np.ndarray
+) -> None:
+    """Push the tile entries at row-major positions ``flat`` (m,) into the heaps of their columns (rows j0 + col).
+
+    Each column's entries go in ascending tile row (ascending id), padded with -inf (never pushed: a heap only
+    takes values above its smallest kept one) to the largest count of a column.
+    """
+    import faiss
+
+    rows, cols = np.divmod(flat, c)  # (m,) each
+    order = np.argsort(cols, kind="stable")  # by column, rows still ascending within a column
+    rows, cols, values = rows[order], cols[order], values[order]
+    counts = np.bincount(cols, minlength=c)  # (c,)
+    present = np.flatnonzero(counts)  # (h,) columns with entries
+    slot = np.cumsum(counts > 0) - 1  # (c,) row of each present column in the padded arrays
+    pos = np.arange(len(cols)) - (np.cumsum(counts) - counts)[cols]  # (m,) position within its column
+    width = int(counts.max())
+    padded_vals = np.full((len(present), width), -np.inf, dtype=np.float32)  # (h, width)
+    padded_ids = np.zeros((len(present), width), dtype=np.int64)  # (h, width)
+    padded_vals[slot[cols], pos] = values
+    padded_ids[slot[cols], pos] = reversed_index[i0 + rows]
+    subset = (present + j0).astype(np.int64)  # (h,) heaps to push into
+    heaps.addn_query_subset_with_ids(
+        len(subset),
+        faiss.swig_ptr(subset),
+        width,
+        faiss.swig_ptr(padded_vals),
+        faiss.swig_ptr(padded_ids),
+        width,
+    )
