@@ -98,10 +98,10 @@ __all__ = [
     "spec_path",
 ]
 
-# Elements of the (rows, k1+1, h+1, k1+1) bool block that tests set membership when building the k-reciprocal sets
-# (4096 rows at k1=20).
+# Elements of the (rows, k+1, k+1) id block that tests reciprocity when building the k-reciprocal sets.
 _KR_MEMBERSHIP_ELEMENTS = 20_000_000
-# Stored entries per chunk when computing the query-candidate Jaccard sums (two sparse (pairs, |U|) blocks).
+# Stored entries per chunk when computing the query-candidate Jaccard sums (two sparse (pairs, |U|) blocks), and the
+# bound on the entries of R @ H.T per chunk of rows in the expansion step.
 _KR_JACCARD_NNZ = 4_000_000
 
 
@@ -179,37 +179,51 @@ def _reciprocal_mask(nn: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return (nn[nn[rows]] == rows[:, None, None]).any(axis=2)
 
 
+def _reciprocal_sets(nn: np.ndarray) -> sp.csr_matrix:
+    """``R(i, k)`` of every item as a 0/1 (|U|, |U|) int32 CSR with sorted indices; ``nn`` (|U|, k + 1)."""
+    n_items = len(nn)
+    row_chunk = max(1, _KR_MEMBERSHIP_ELEMENTS // nn.shape[1] ** 2)
+    mask = np.concatenate(  # (|U|, k + 1): R(i, k) as a mask over nn[i]
+        [
+            _reciprocal_mask(nn, np.arange(start, min(start + row_chunk, n_items)))
+            for start in range(0, n_items, row_chunk)
+        ]
+    )
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])  # (|U| + 1,)
+    sets = sp.csr_matrix((np.ones(int(indptr[-1]), dtype=np.int32), nn[mask], indptr), shape=(n_items, n_items))
+    sets.sort_indices()
+    return sets
+
+
 def _expansion_sets(nn: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and columns of every pair (i, j) with j in R*(i) (module docstring, steps 2-3), sorted by (i, j)."""
+    """Rows and columns of every pair (i, j) with j in R*(i) (module docstring, steps 2-3), sorted by (i, j).
+
+    With R = R(., k1) and H = R(., h) as 0/1 sparse matrices, ``(R @ H.T)[i, c] = |R(i, k1) ∩ R(c, h)|``; read at the
+    candidates c in R(i, k1), it says which qualify (Q), and R*(i) is the pattern of ``R + Q @ H``. kNN rows hold
+    distinct ids, so these counts are set sizes.
+    """
     n_items = len(nn)
     h = int(np.around(k1 / 2))
-    row_chunk = max(1, _KR_MEMBERSHIP_ELEMENTS // ((k1 + 1) ** 2 * (h + 1)))
-    nn_half = np.ascontiguousarray(nn[:, : h + 1])  # (|U|, h + 1)
-    recip_half = np.empty(nn_half.shape, dtype=bool)  # (|U|, h + 1): R(i, h) as a mask over nn_half[i]
-    for start in range(0, n_items, row_chunk):
-        rows = np.arange(start, min(start + row_chunk, n_items))
-        recip_half[rows] = _reciprocal_mask(nn_half, rows)
-
+    recip = _reciprocal_sets(nn)  # (|U|, |U|): R(i, k1)
+    half = _reciprocal_sets(np.ascontiguousarray(nn[:, : h + 1]))  # (|U|, |U|): R(c, h)
+    half_t = half.T.tocsr()
+    half_size = np.diff(half.indptr)  # (|U|,) |R(c, h)|
+    row_chunk = max(1, _KR_JACCARD_NNZ // ((k1 + 1) * (h + 1)))  # R @ H.T holds <= (k1 + 1)(h + 1) per row
     out_rows, out_cols = [], []
     for start in range(0, n_items, row_chunk):
-        rows = np.arange(start, min(start + row_chunk, n_items))  # (c,)
-        r_ids = nn[rows]  # (c, k1 + 1): N(i, k1); column t is also the candidate c of step 3
-        r_mask = _reciprocal_mask(nn, rows)  # (c, k1 + 1): R(i, k1)
-        cand_ids = nn_half[r_ids]  # (c, k1 + 1, h + 1): N(c, h) of every candidate
-        cand_mask = recip_half[r_ids]  # (c, k1 + 1, h + 1): R(c, h)
-        # Is each member of R(c, h) also in R(i, k1)? kNN rows hold distinct ids, so counts are set sizes.
-        in_r = ((cand_ids[..., None] == r_ids[:, None, None, :]) & r_mask[:, None, None, :]).any(axis=3)
-        overlap = (in_r & cand_mask).sum(axis=2)  # (c, k1 + 1)
-        size = cand_mask.sum(axis=2)  # (c, k1 + 1)
-        qualifies = r_mask & (3 * overlap > 2 * size)  # |R(c,h) ∩ R(i,k1)| > 2/3 |R(c,h)|, in integers
-        add = qualifies[..., None] & cand_mask  # (c, k1 + 1, h + 1)
-        row_ids = np.concatenate(
-            [np.broadcast_to(rows[:, None], r_mask.shape)[r_mask], np.broadcast_to(rows[:, None, None], add.shape)[add]]
+        r = recip[start : start + row_chunk]  # (c, |U|)
+        overlap = r.multiply(r @ half_t).tocsr()  # (c, |U|): |R(c,h) ∩ R(i,k1)| at c in R(i,k1) (zeros left out)
+        overlap.sort_indices()
+        row_of = np.repeat(np.arange(overlap.shape[0]), np.diff(overlap.indptr))  # (nnz,)
+        qualifies = 3 * overlap.data > 2 * half_size[overlap.indices]  # |R(c,h) ∩ R(i,k1)| > 2/3 |R(c,h)|
+        chosen = sp.csr_matrix(
+            (np.ones(int(qualifies.sum()), dtype=np.int32), (row_of[qualifies], overlap.indices[qualifies])),
+            shape=overlap.shape,
         )
-        col_ids = np.concatenate([r_ids[r_mask], cand_ids[add]])
-        keys = np.unique(row_ids.astype(np.int64) * n_items + col_ids)  # de-duplicated and sorted by (i, j)
-        out_rows.append(keys // n_items)
-        out_cols.append(keys % n_items)
+        expanded = (r + chosen @ half).tocsr()  # (c, |U|): pattern R*(i)
+        expanded.sort_indices()
+        out_rows.append(np.repeat(np.arange(start, start + expanded.shape[0]), np.diff(expanded.indptr)))
+        out_cols.append(expanded.indices.astype(np.int64))
     return np.concatenate(out_rows), np.concatenate(out_cols)
 
 
@@ -251,7 +265,8 @@ def _jaccard_weights(
         dist[start : start + row_chunk] = (2.0 - 2.0 * s) / scales[r]
     weights = np.exp(-dist)  # (nnz,)
     weights /= np.bincount(rows, weights=weights, minlength=n_items)[rows]  # every row sums to 1
-    v = sp.csr_matrix((weights.astype(np.float32), (rows, cols)), shape=(n_items, n_items))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_items))])  # rows are sorted by (i, j)
+    v = sp.csr_matrix((weights.astype(np.float32), cols, indptr), shape=(n_items, n_items))
     if k2 > 1:
         mean_rows = _neighbour_matrix(np.full((n_items, k2), 1.0 / k2, dtype=np.float32), nn[:, :k2], n_items)
         v = (mean_rows @ v).tocsr()  # (|U|, |U|), row i = mean of V over the k2 nearest items of i
