@@ -41,6 +41,7 @@ Memory
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -129,37 +130,58 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
     tile_buf = torch.empty(side * side, dtype=torch.float32)  # flat buffers: every (r, c) view is contiguous
     tran_buf = torch.empty(side * side, dtype=torch.float32)
     mask_buf = np.empty(side * side, dtype=bool)
-    with torch.inference_mode():
-        for i0 in range(0, n, block):
-            xi = xt[i0 : i0 + block]  # (r, D)
-            r = len(xi)
-            for j0 in range(i0, n, block):
-                xj = xt[j0 : j0 + block]  # (c, D)
-                c = len(xj)
-                tile = torch.matmul(xi, xj.T, out=tile_buf[: r * c].view(r, c))  # (r, c) similarities
-                s = tile.numpy()
-                np.minimum(mins[i0 : i0 + r], tile.amin(dim=1).numpy(), out=mins[i0 : i0 + r])
-                if j0 != i0:
-                    np.minimum(mins[j0 : j0 + c], tile.amin(dim=0).numpy(), out=mins[j0 : j0 + c])
-                elif exclude_self:
-                    tile.fill_diagonal_(-torch.inf)  # never selected: k <= n - 1 finite values remain per row
-                # Rows of I: ids j0..j0+c-1, ascending.
-                heaps.addn_with_ids(c, faiss.swig_ptr(s), faiss.swig_ptr(reversed_index[j0 : j0 + c]), 0, i0, r)
-                if j0 == i0:
-                    continue  # a diagonal tile holds both orders of each pair; its rows saw everything
-                # Rows of J (the tile's columns): ids i0..i0+r-1, ascending, only the values above each threshold.
-                thresholds = np.ascontiguousarray(vals[j0 : j0 + c, 0])  # (c,)
-                mask = mask_buf[: r * c].reshape(r, c)
-                np.greater(s, thresholds[None, :], out=mask)
-                flat = np.flatnonzero(mask)  # (m,) row-major: by tile row, then column
-                if len(flat) > _DENSE_FRACTION * r * c:
-                    st = tran_buf[: r * c].view(c, r)
-                    st.copy_(tile.T)
-                    heaps.addn_with_ids(
-                        r, faiss.swig_ptr(st.numpy()), faiss.swig_ptr(reversed_index[i0 : i0 + r]), 0, j0, c
-                    )
-                elif len(flat):
-                    _push_sparse(heaps, s.ravel()[flat], flat, c, i0, j0, reversed_index)
+
+    def push_rows(tile: torch.Tensor, i0: int, j0: int) -> None:
+        """Rows of I: ids j0..j0+c-1, ascending."""
+        r, c = tile.shape
+        s = tile.numpy()
+        np.minimum(mins[i0 : i0 + r], s.min(axis=1), out=mins[i0 : i0 + r])
+        if j0 == i0 and exclude_self:
+            tile.fill_diagonal_(-torch.inf)  # never selected: k <= n - 1 finite values remain per row
+        heaps.addn_with_ids(c, faiss.swig_ptr(s), faiss.swig_ptr(reversed_index[j0 : j0 + c]), 0, i0, r)
+
+    def push_columns(tile: torch.Tensor, i0: int, j0: int) -> None:
+        """Rows of J (the tile's columns): ids i0..i0+r-1, ascending; only the values above each row's threshold."""
+        r, c = tile.shape
+        s = tile.numpy()
+        np.minimum(mins[j0 : j0 + c], s.min(axis=0), out=mins[j0 : j0 + c])
+        thresholds = np.ascontiguousarray(vals[j0 : j0 + c, 0])  # (c,)
+        mask = mask_buf[: r * c].reshape(r, c)
+        np.greater(s, thresholds[None, :], out=mask)
+        flat = np.flatnonzero(mask)  # (m,) row-major: by tile row, then column
+        if len(flat) > _DENSE_FRACTION * r * c:
+            st = tran_buf[: r * c].view(c, r)
+            st.copy_(tile.T)
+            heaps.addn_with_ids(r, faiss.swig_ptr(st.numpy()), faiss.swig_ptr(reversed_index[i0 : i0 + r]), 0, j0, c)
+        elif len(flat):
+            _push_sparse(heaps, s.ravel()[flat], flat, c, i0, j0, reversed_index)
+
+    # faiss's OpenMP pool is not torch's: handing every tile from one pool to the other made 2-thread runs slower than
+    # 1-thread ones. torch parallelises the GEMM; with more than one torch thread, a tile's rows and columns (disjoint
+    # heaps) are then pushed by two Python threads at once (numpy and faiss release the GIL).
+    faiss_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    helper = ThreadPoolExecutor(max_workers=1) if torch.get_num_threads() > 1 else None
+    try:
+        with torch.inference_mode():
+            for i0 in range(0, n, block):
+                xi = xt[i0 : i0 + block]  # (r, D)
+                for j0 in range(i0, n, block):
+                    xj = xt[j0 : j0 + block]  # (c, D)
+                    tile = torch.matmul(xi, xj.T, out=tile_buf[: len(xi) * len(xj)].view(len(xi), len(xj)))
+                    if j0 == i0:
+                        push_rows(tile, i0, j0)  # a diagonal tile holds both orders of each pair
+                    elif helper is None:
+                        push_rows(tile, i0, j0)
+                        push_columns(tile, i0, j0)
+                    else:
+                        columns = helper.submit(push_columns, tile, i0, j0)
+                        push_rows(tile, i0, j0)
+                        columns.result()
+    finally:
+        faiss.omp_set_num_threads(faiss_threads)
+        if helper is not None:
+            helper.shutdown()
     heaps.reorder()  # each row sorted: descending value, ties by descending stored id = ascending index
     return vals, n - 1 - rev_ids, mins
 
