@@ -26,14 +26,16 @@ k-reciprocal re-ranking (Zhong, Zheng, Cao & Li, CVPR 2017)
 
     1. Original distance: the squared Euclidean distance of unit vectors, ``2 - 2 s``, divided by a per-row scale.
        ``original_scale="row_max"`` (the default, as in the paper's code) divides row ``i`` by its largest
-       distance to any item of ``U``, ``2 - 2 min_j s(i, j)``, found with one extra search of the negated vectors
-       (``k = 1``), so distances lie in [0, 1]; a float ``c`` divides every row by ``c`` instead (e.g. ``4.0``,
-       the largest possible distance between unit vectors) and skips that search.
+       distance to any item of ``U``, ``2 - 2 min_j s(i, j)``, so distances lie in [0, 1]; a float ``c`` divides
+       every row by ``c`` instead (e.g. ``4.0``, the largest possible distance between unit vectors).
     2. ``N(i, k)``: the ``k + 1`` nearest items of ``i`` in ``U`` (``i`` itself, normally at rank 0, and its k
-       nearest others), read off one ``search(U, U, k1 + 1)``. ``R(i, k) = {j in N(i, k) : i in N(j, k)}`` (the
-       k-reciprocal neighbours).
+       nearest others). ``R(i, k) = {j in N(i, k) : i in N(j, k)}`` (the k-reciprocal neighbours). With an exact
+       index (the default) one pass of :func:`arcfold.retrieval.self_knn.self_topk` gives both the
+       ``search(U, U, k1 + 1)`` table and the row minima of step 1, computing only the upper triangle of ``U U^T``;
+       with ``index="ivf"``/``"hnsw"`` they come from ``search(U, U, k1 + 1)`` and ``search(-U, U, 1)``.
     3. Expansion: ``R*(i) = R(i, k1)`` united with ``R(c, h)`` of every ``c in R(i, k1)`` for which
-       ``|R(c, h) ∩ R(i, k1)| > 2/3 |R(c, h)|``, where ``h = round(k1 / 2)`` (numpy rounding, half to even).
+       ``|R(c, h) ∩ R(i, k1)| > 2/3 |R(c, h)|``, where ``h = round(k1 / 2)`` (numpy rounding, half to even); the
+       overlaps are one sparse product of the two sets' 0/1 matrices.
     4. ``V[i, j] = exp(-d(i, j)) / sum_{j' in R*(i)} exp(-d(i, j'))`` for ``j in R*(i)``, else 0: a sparse
        (|U|, |U|) CSR matrix whose rows sum to 1.
     5. Local query expansion: ``V[i] <- mean of V[j] over the k2 nearest items j of i`` (skipped when k2 = 1).

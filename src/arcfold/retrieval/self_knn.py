@@ -131,30 +131,26 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
     tran_buf = torch.empty(side * side, dtype=torch.float32)
     mask_buf = np.empty(side * side, dtype=bool)
 
-    def push_rows(tile: torch.Tensor, i0: int, j0: int) -> None:
-        """Rows of I: ids j0..j0+c-1, ascending."""
+    def push(tile: torch.Tensor, i0: int, j0: int, columns: bool) -> None:
+        """Push a tile into the heaps of its rows (I; ids j0..j0+c-1) or of its columns (J; ids i0..i0+r-1)."""
         r, c = tile.shape
         s = tile.numpy()
-        np.minimum(mins[i0 : i0 + r], s.min(axis=1), out=mins[i0 : i0 + r])
+        heap0, id0, n_heaps, n_ids = (j0, i0, c, r) if columns else (i0, j0, r, c)
+        np.minimum(mins[heap0 : heap0 + n_heaps], s.min(axis=0 if columns else 1), out=mins[heap0 : heap0 + n_heaps])
         if j0 == i0 and exclude_self:
             tile.fill_diagonal_(-torch.inf)  # never selected: k <= n - 1 finite values remain per row
-        heaps.addn_with_ids(c, faiss.swig_ptr(s), faiss.swig_ptr(reversed_index[j0 : j0 + c]), 0, i0, r)
-
-    def push_columns(tile: torch.Tensor, i0: int, j0: int) -> None:
-        """Rows of J (the tile's columns): ids i0..i0+r-1, ascending; only the values above each row's threshold."""
-        r, c = tile.shape
-        s = tile.numpy()
-        np.minimum(mins[j0 : j0 + c], s.min(axis=0), out=mins[j0 : j0 + c])
-        thresholds = np.ascontiguousarray(vals[j0 : j0 + c, 0])  # (c,)
+        # Only the values above each heap's smallest kept one can enter it (after a row's first tiles, a few).
+        thresholds = np.ascontiguousarray(vals[heap0 : heap0 + n_heaps, 0])  # (n_heaps,)
         mask = mask_buf[: r * c].reshape(r, c)
-        np.greater(s, thresholds[None, :], out=mask)
+        np.greater(s, thresholds[None, :] if columns else thresholds[:, None], out=mask)
         flat = np.flatnonzero(mask)  # (m,) row-major: by tile row, then column
-        if len(flat) > _DENSE_FRACTION * r * c:
-            st = tran_buf[: r * c].view(c, r)
-            st.copy_(tile.T)
-            heaps.addn_with_ids(r, faiss.swig_ptr(st.numpy()), faiss.swig_ptr(reversed_index[i0 : i0 + r]), 0, j0, c)
+        if len(flat) > _DENSE_FRACTION * r * c:  # push whole rows of s (or of its transpose)
+            if columns:
+                s = tran_buf[: r * c].view(c, r).copy_(tile.T).numpy()
+            ids = faiss.swig_ptr(reversed_index[id0 : id0 + n_ids])
+            heaps.addn_with_ids(n_ids, faiss.swig_ptr(s), ids, 0, heap0, n_heaps)
         elif len(flat):
-            _push_sparse(heaps, s.ravel()[flat], flat, c, i0, j0, reversed_index)
+            _push_sparse(heaps, s.ravel()[flat], flat, c, columns, heap0, id0, reversed_index)
 
     # faiss's OpenMP pool is not torch's: handing every tile from one pool to the other made 2-thread runs slower than
     # 1-thread ones. torch parallelises the GEMM; with more than one torch thread, a tile's rows and columns (disjoint
@@ -170,14 +166,14 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
                     xj = xt[j0 : j0 + block]  # (c, D)
                     tile = torch.matmul(xi, xj.T, out=tile_buf[: len(xi) * len(xj)].view(len(xi), len(xj)))
                     if j0 == i0:
-                        push_rows(tile, i0, j0)  # a diagonal tile holds both orders of each pair
+                        push(tile, i0, j0, columns=False)  # a diagonal tile holds both orders of each pair
                     elif helper is None:
-                        push_rows(tile, i0, j0)
-                        push_columns(tile, i0, j0)
+                        push(tile, i0, j0, columns=False)
+                        push(tile, i0, j0, columns=True)
                     else:
-                        columns = helper.submit(push_columns, tile, i0, j0)
-                        push_rows(tile, i0, j0)
-                        columns.result()
+                        pushing = helper.submit(push, tile, i0, j0, True)
+                        push(tile, i0, j0, columns=False)
+                        pushing.result()
     finally:
         faiss.omp_set_num_threads(faiss_threads)
         if helper is not None:
@@ -187,33 +183,38 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
 
 
 def _push_sparse(
-    heaps: Any, values: np.ndarray, flat: np.ndarray, c: int, i0: int, j0: int, reversed_index: np.ndarray
+    heaps: Any,
+    values: np.ndarray,
+    flat: np.ndarray,
+    c: int,
+    columns: bool,
+    heap0: int,
+    id0: int,
+    reversed_index: np.ndarray,
 ) -> None:
-    """Push the tile entries at row-major positions ``flat`` (m,) into the heaps of their columns (rows j0 + col).
+    """Push the (r, c) tile entries at row-major positions ``flat`` (m,) into the heaps of their rows (heap0 + row,
+    id id0 + column) or, with ``columns``, of their columns (heap0 + column, id id0 + row).
 
-    Each column's entries go in ascending tile row (ascending id), padded with -inf (never pushed: a heap only
-    takes values above its smallest kept one) to the largest count of a column.
+    Each heap's entries go in ascending id, padded with -inf (never pushed: a heap only takes values above its
+    smallest kept one) to the largest count of a heap.
     """
     import faiss
 
-    rows, cols = np.divmod(flat, c)  # (m,) each
-    order = np.argsort(cols, kind="stable")  # by column, rows still ascending within a column
-    rows, cols, values = rows[order], cols[order], values[order]
-    counts = np.bincount(cols, minlength=c)  # (c,)
-    present = np.flatnonzero(counts)  # (h,) columns with entries
-    slot = np.cumsum(counts > 0) - 1  # (c,) row of each present column in the padded arrays
-    pos = np.arange(len(cols)) - (np.cumsum(counts) - counts)[cols]  # (m,) position within its column
+    rows, cols = np.divmod(flat, c)  # (m,) each, sorted by (row, column)
+    heap, ids = (cols, rows) if columns else (rows, cols)
+    if columns:  # by column, rows still ascending within a column (radix sort on 16 bits when it fits)
+        order = np.argsort(cols.astype(np.int16) if c <= 2**15 else cols, kind="stable")
+        heap, ids, values = heap[order], ids[order], values[order]
+    counts = np.bincount(heap)  # (h_max,)
+    present = np.flatnonzero(counts)  # (h,) heaps with entries
+    slot = np.cumsum(counts > 0) - 1  # row of each present heap in the padded arrays
+    pos = np.arange(len(heap)) - (np.cumsum(counts) - counts)[heap]  # (m,) position within its heap
     width = int(counts.max())
     padded_vals = np.full((len(present), width), -np.inf, dtype=np.float32)  # (h, width)
     padded_ids = np.zeros((len(present), width), dtype=np.int64)  # (h, width)
-    padded_vals[slot[cols], pos] = values
-    padded_ids[slot[cols], pos] = reversed_index[i0 + rows]
-    subset = (present + j0).astype(np.int64)  # (h,) heaps to push into
+    padded_vals[slot[heap], pos] = values
+    padded_ids[slot[heap], pos] = reversed_index[id0 + ids]
+    subset = (present + heap0).astype(np.int64)  # (h,) heaps to push into
     heaps.addn_query_subset_with_ids(
-        len(subset),
-        faiss.swig_ptr(subset),
-        width,
-        faiss.swig_ptr(padded_vals),
-        faiss.swig_ptr(padded_ids),
-        width,
+        len(subset), faiss.swig_ptr(subset), width, faiss.swig_ptr(padded_vals), faiss.swig_ptr(padded_ids), width
     )
