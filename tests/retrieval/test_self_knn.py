@@ -6,6 +6,7 @@ import doctest
 
 import numpy as np
 import pytest
+import torch
 
 import arcfold.retrieval.self_knn
 from arcfold.retrieval.search import search
@@ -87,6 +88,24 @@ def test_self_topk_ties_follow_the_search_rule(count_paths, block: int, exclude_
         np.testing.assert_array_equal(res.row_min, (x @ x.T).min(axis=1))
     if block == 7:
         assert count_paths["sparse"] > 0
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_self_topk_same_with_one_or_two_threads(count_paths, exclude_self: bool) -> None:
+    # With more than one torch thread, a tile's rows and columns are pushed by two Python threads at once.
+    x = _clustered(500, 16, seed=7)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            results.append(self_topk(x, 9, exclude_self=exclude_self, row_min=True, device="cpu", block_size=48))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results[0].idx, search(x, x, 9, exclude_self=exclude_self, backend="torch")[1])
+    assert count_paths["sparse"] > 20
 
 
 def test_self_topk_without_faiss_is_the_same(monkeypatch) -> None:
