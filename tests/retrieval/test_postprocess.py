@@ -207,7 +207,11 @@ def test_k_reciprocal_expansion_step_is_exercised(small_clustered) -> None:
     _, nn = search(union, union, 21)
     rows, _ = arcfold.retrieval.postprocess._expansion_sets(nn, 20)
     expanded_sizes = np.bincount(rows, minlength=len(union))
-    reciprocal_sizes = arcfold.retrieval.postprocess._reciprocal_mask(nn, np.arange(len(union))).sum(axis=1)
+    recip = arcfold.retrieval.postprocess._reciprocal_sets(nn)
+    # R(i, 20) by its definition, item by item: j in N(i) and i in N(j)
+    expected = [sorted(j for j in nn[i] if i in nn[j]) for i in range(len(union))]
+    assert [recip.indices[recip.indptr[i] : recip.indptr[i + 1]].tolist() for i in range(len(union))] == expected
+    reciprocal_sizes = np.diff(recip.indptr)  # |R(i, 20)|
     assert (expanded_sizes >= reciprocal_sizes).all() and (expanded_sizes > reciprocal_sizes).any()
 
 

@@ -100,8 +100,6 @@ __all__ = [
     "spec_path",
 ]
 
-# Elements of the (rows, k+1, k+1) id block that tests reciprocity when building the k-reciprocal sets.
-_KR_MEMBERSHIP_ELEMENTS = 20_000_000
 # Stored entries per chunk when computing the query-candidate Jaccard sums (two sparse (pairs, |U|) blocks), and the
 # bound on the entries of R @ H.T per chunk of rows in the expansion step.
 _KR_JACCARD_NNZ = 4_000_000
@@ -176,23 +174,16 @@ def database_augmentation(gallery: np.ndarray, k: int = 2, alpha: float = 3.0, *
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _reciprocal_mask(nn: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``out[r, t]``: is ``rows[r]`` among the neighbours of its own t-th neighbour? ``nn`` (|U|, n); (len(rows), n)."""
-    return (nn[nn[rows]] == rows[:, None, None]).any(axis=2)
-
-
 def _reciprocal_sets(nn: np.ndarray) -> sp.csr_matrix:
-    """``R(i, k)`` of every item as a 0/1 (|U|, |U|) int32 CSR with sorted indices; ``nn`` (|U|, k + 1)."""
-    n_items = len(nn)
-    row_chunk = max(1, _KR_MEMBERSHIP_ELEMENTS // nn.shape[1] ** 2)
-    mask = np.concatenate(  # (|U|, k + 1): R(i, k) as a mask over nn[i]
-        [
-            _reciprocal_mask(nn, np.arange(start, min(start + row_chunk, n_items)))
-            for start in range(0, n_items, row_chunk)
-        ]
-    )
-    indptr = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])  # (|U| + 1,)
-    sets = sp.csr_matrix((np.ones(int(indptr[-1]), dtype=np.int32), nn[mask], indptr), shape=(n_items, n_items))
+    """``R(i, k)`` of every item as a 0/1 (|U|, |U|) int32 CSR with sorted indices; ``nn`` (|U|, k + 1).
+
+    ``N[i, j] = 1`` for j in N(i, k); ``R = N * N.T`` element-wise: j in N(i, k) and i in N(j, k).
+    """
+    n_items, width = nn.shape
+    indptr = np.arange(0, n_items * width + 1, width, dtype=np.int64)  # (|U| + 1,)
+    near = sp.csr_matrix((np.ones(n_items * width, dtype=np.int32), nn.ravel(), indptr), shape=(n_items, n_items))
+    near.sort_indices()
+    sets = near.multiply(near.T.tocsr()).tocsr()
     sets.sort_indices()
     return sets
 
