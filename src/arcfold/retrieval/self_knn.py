@@ -129,7 +129,7 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
     side = min(block, n)
     tile_buf = torch.empty(side * side, dtype=torch.float32)  # flat buffers: every (r, c) view is contiguous
     tran_buf = torch.empty(side * side, dtype=torch.float32)
-    mask_buf = np.empty(side * side, dtype=bool)
+    mask_bufs = {False: np.empty(side * side, dtype=bool), True: np.empty(side * side, dtype=bool)}  # rows, columns
 
     def push(tile: torch.Tensor, i0: int, j0: int, columns: bool) -> None:
         """Push a tile into the heaps of its rows (I; ids j0..j0+c-1) or of its columns (J; ids i0..i0+r-1)."""
@@ -141,7 +141,7 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
             tile.fill_diagonal_(-torch.inf)  # never selected: k <= n - 1 finite values remain per row
         # Only the values above each heap's smallest kept one can enter it (after a row's first tiles, a few).
         thresholds = np.ascontiguousarray(vals[heap0 : heap0 + n_heaps, 0])  # (n_heaps,)
-        mask = mask_buf[: r * c].reshape(r, c)
+        mask = mask_bufs[columns][: r * c].reshape(r, c)  # one buffer per side: both may run at once
         np.greater(s, thresholds[None, :] if columns else thresholds[:, None], out=mask)
         flat = np.flatnonzero(mask)  # (m,) row-major: by tile row, then column
         if len(flat) > _DENSE_FRACTION * r * c:  # push whole rows of s (or of its transpose)
