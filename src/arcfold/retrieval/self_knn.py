@@ -7,12 +7,15 @@ pass (k-reciprocal re-ranking needs both; the leave-one-out metrics need the fir
 Method (CPU, with faiss importable)
     The similarities ``x @ x.T`` are computed by torch matmul on (block, block) tiles of the upper triangle only:
     tile (I, J) with J >= I serves the rows of I and, transposed, the rows of J, so the GEMM work is half of a
-    square search. Selection keeps one faiss heap of k values per row (``faiss.float_minheap_array_t``, C++): a
-    tile's rows are pushed whole (``addn_with_ids``: one comparison with the heap's smallest kept value per
-    similarity); for its columns, numpy finds the similarities above each column's current k-th value (a comparison
-    and ``flatnonzero`` per tile; after the first few tiles of a row, a small fraction) and only those are pushed
-    (``addn_query_subset_with_ids``). A transposed copy of the tile is pushed instead while most of it passes (a
-    row's first tiles). Row minima are torch ``amin`` over each tile's two axes.
+    square search. Selection keeps one faiss heap of the k largest values per row (``faiss.float_minheap_array_t``,
+    C++). For each side of a tile, numpy finds the similarities above each heap's smallest kept value (one
+    comparison and one ``flatnonzero`` per tile; after a row's first tiles, a small fraction) and only those are
+    pushed (``addn_query_subset_with_ids``); while most of a tile passes (a row's very first tile), its rows (or
+    its transpose's) are pushed whole (``addn_with_ids``). Row minima: numpy ``min`` over each tile's two axes.
+    Threads: torch parallelises the GEMM; with more than one torch thread, a tile's two sides (disjoint heaps) are
+    pushed by two Python threads at once (numpy and faiss release the GIL), and faiss's own OpenMP pool is kept to
+    one thread (handing every tile between two OpenMP pools was slower than one thread). On a 2-core machine that
+    other jobs also load, the per-tile synchronisation makes 2 threads slower than 1 (OMP_NUM_THREADS=1 then).
 
 Ranking and ties
     The rule of :func:`arcfold.retrieval.search.search`: descending similarity, then ascending index, including which
@@ -34,8 +37,8 @@ Fallback
     (the square) and, for the row minima, a second k=1 pass over the negated vectors; same results, twice the work.
 
 Memory
-    The heaps, (n, k) float32 + int64, plus three (block, block) buffers (float32 tile, its transpose, a bool mask);
-    never n x n. Hand-written because no library offers a self-join top-k that uses the symmetry: ``faiss.knn``
+    The heaps, (n, k) float32 + int64, plus four (block, block) buffers (float32 tile, its transpose, two bool
+    masks); never n x n. Hand-written because no library offers a self-join top-k that uses the symmetry: ``faiss.knn``
     computes the full square and has no row minimum.
 """
 
@@ -105,14 +108,16 @@ def self_topk(
         sims, idx = knn(xs, xs, k, exclude_self=exclude_self, device=dev)  # (n, k) each
         mins = -knn(-xs, xs, 1, device=dev)[0][:, 0] if row_min else None  # (n,)
         return SelfTopK(sims, idx, mins)
-    sims, idx, mins = _heap_topk(xs, k, exclude_self, block)
-    if not (np.isfinite(sims).all() and np.isfinite(mins).all() and (idx < n).all()):
+    sims, idx, mins = _heap_topk(xs, k, exclude_self, block, row_min)
+    if not (np.isfinite(sims).all() and (mins is None or np.isfinite(mins).all()) and (idx < n).all()):
         # Inputs are finite, so this is float32 overflow in the dot products (huge un-normalised vectors).
         raise ValueError("similarities are not finite (float32 overflow); normalise or rescale the embeddings")
-    return SelfTopK(sims, idx, mins if row_min else None)
+    return SelfTopK(sims, idx, mins)
 
 
-def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _heap_topk(
+    x: np.ndarray, k: int, exclude_self: bool, block: int, row_min: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The tiled pass of the module docstring on the CPU; (n, k) float32 sims, (n, k) int64 idx, (n,) row minima."""
     import faiss
 
@@ -136,7 +141,10 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
         r, c = tile.shape
         s = tile.numpy()
         heap0, id0, n_heaps, n_ids = (j0, i0, c, r) if columns else (i0, j0, r, c)
-        np.minimum(mins[heap0 : heap0 + n_heaps], s.min(axis=0 if columns else 1), out=mins[heap0 : heap0 + n_heaps])
+        if row_min:
+            np.minimum(
+                mins[heap0 : heap0 + n_heaps], s.min(axis=0 if columns else 1), out=mins[heap0 : heap0 + n_heaps]
+            )
         if j0 == i0 and exclude_self:
             tile.fill_diagonal_(-torch.inf)  # never selected: k <= n - 1 finite values remain per row
         # Only the values above each heap's smallest kept one can enter it (after a row's first tiles, a few).
@@ -152,9 +160,7 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
         elif len(flat):
             _push_sparse(heaps, s.ravel()[flat], flat, c, columns, heap0, id0, reversed_index)
 
-    # faiss's OpenMP pool is not torch's: handing every tile from one pool to the other made 2-thread runs slower than
-    # 1-thread ones. torch parallelises the GEMM; with more than one torch thread, a tile's rows and columns (disjoint
-    # heaps) are then pushed by two Python threads at once (numpy and faiss release the GIL).
+    # Threads: module docstring.
     faiss_threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     helper = ThreadPoolExecutor(max_workers=1) if torch.get_num_threads() > 1 else None
@@ -179,7 +185,7 @@ def _heap_topk(x: np.ndarray, k: int, exclude_self: bool, block: int) -> tuple[n
         if helper is not None:
             helper.shutdown()
     heaps.reorder()  # each row sorted: descending value, ties by descending stored id = ascending index
-    return vals, n - 1 - rev_ids, mins
+    return vals, n - 1 - rev_ids, mins if row_min else None
 
 
 def _push_sparse(
