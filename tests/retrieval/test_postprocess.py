@@ -215,6 +215,17 @@ def test_k_reciprocal_expansion_step_is_exercised(small_clustered) -> None:
     assert (expanded_sizes >= reciprocal_sizes).all() and (expanded_sizes > reciprocal_sizes).any()
 
 
+def test_k_reciprocal_with_an_index_searches_as_before(small_clustered) -> None:
+    # index="ivf" takes the search(U, U, k1 + 1) / search(-U, U, 1) path; visiting every list makes it exact, so it
+    # must agree with the default one-pass self_topk path.
+    queries, gallery = small_clustered
+    sims, idx = search(queries, gallery, 25)
+    expected = k_reciprocal(queries, gallery, sims, idx, k1=9, k2=3)
+    got = k_reciprocal(queries, gallery, sims, idx, k1=9, k2=3, index="ivf", nlist=2, nprobe=2)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+
+
 def test_k_reciprocal_moves_the_reciprocal_match_up() -> None:
     # Unit vectors on a circle (angles in degrees). The query q (0) belongs with cluster A at -10, -19, -27; the hub
     # x at 9 is closer to q than a = -10 but its own 3 nearest are cluster B (12, 14.5, 17.5), so q is not among
