@@ -124,11 +124,11 @@ def agreement(n: int, baseline: str) -> dict:
     files = [Path(tempfile.gettempdir()) / f"arcfold_bench_rerank_{step}_{n}.npz" for step in ("kr", f"kr@{baseline}")]
     if not all(f.exists() for f in files):
         return {}
-    (cur, base) = (np.load(f) for f in files)
-    return {
-        "same_idx_fraction": float((cur["idx"] == base["idx"]).mean()),
-        "max_abs_score_diff": float(np.abs(cur["sims"] - base["sims"]).max()),
-    }
+    with np.load(files[0]) as cur, np.load(files[1]) as base:
+        return {
+            "same_idx_fraction": float((cur["idx"] == base["idx"]).mean()),
+            "max_abs_score_diff": float(np.abs(cur["sims"] - base["sims"]).max()),
+        }
 
 
 def main() -> None:
@@ -159,8 +159,9 @@ def main() -> None:
     jobs.sort(key=lambda j: j[0])
     if a.kr_baseline:  # each baseline cell just before the current one of its size
         jobs = [j for n, s in jobs for j in ([(n, f"kr@{a.kr_baseline}")] if s == "kr" else []) + [(n, s)]]
-    for cache in Path(tempfile.gettempdir()).glob("arcfold_bench_rerank_first_stage_*.npz"):
-        cache.unlink()  # never reuse a first stage from an earlier (possibly different) run
+    for pattern in ("arcfold_bench_rerank_first_stage_*.npz", "arcfold_bench_rerank_kr*.npz"):
+        for cache in Path(tempfile.gettempdir()).glob(pattern):
+            cache.unlink()  # never reuse a first stage or an output from an earlier (possibly different) run
     for n in dict.fromkeys(n for n, _ in jobs):
         run_worker(__file__, {"n": n, "step": "first", "backend": a.backend}, timeout=a.timeout)
     rows = []
