@@ -2,13 +2,13 @@
 
 Queries and gallery: ``N`` each, L2-normalised clustered float32 vectors at D=128 drawn around the same class
 centres (``_bench_common.clustered_embeddings``). First stage: ``arcfold.retrieval.search.search(q, g, K=50)`` (faiss
-exact), computed before the measurement starts. Each post-processor runs at its defaults with the default (exact faiss)
-search:
+exact), computed once per size in its own process before the measurements, which load it from a temporary file.
+Each post-processor runs at its defaults with the default (exact faiss) search:
 
 * ``qe``: ``query_expansion(q, g)`` (k=2, α=3; includes its own search of the gallery).
 * ``dba``: ``database_augmentation(g)`` (k=2, α=3; includes the gallery-vs-gallery search).
 * ``kr``: ``k_reciprocal(q, g, sims, idx)`` (k1=20, k2=6, λ=0.3, ``original_scale="row_max"``; includes the
-  ``(Q+N)``-item k-NN graph search and the row-max search).
+  ``(Q+N)``-item k-NN graph and row-max pass, ``self_topk``).
 * ``vote``: ``vote_labels(idx, sims, gallery_labels)`` (mode="max", top=5).
 
 Every measurement is a fresh subprocess; peak = ``ru_maxrss``, ``extra`` = peak minus the peak after the inputs and
@@ -16,6 +16,10 @@ the first stage were built. k-reciprocal is also measured at intermediate sizes 
 linearly with |U|·(k1+1) (|U| = Q + N), never as |U|^2. Run from the project root::
 
     python benchmarks/bench_rerank.py [--sizes 10000,100000] [--kr-sizes 10000,30000,100000]
+
+``--kr-baseline COMMIT`` also times ``k_reciprocal`` as it was at COMMIT (its ``retrieval/postprocess.py``, read with
+``git show`` into a temporary module that imports today's ``search``) at every k-reciprocal size, in the same run,
+each baseline cell just before the current one; the two results must agree (same ranking, scores to 1e-5).
 
 Writes ``benchmarks/results/bench_rerank.json`` and its section of ``BENCHMARKS.md``.
 """
@@ -28,7 +32,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,11 +61,13 @@ def worker(args: dict) -> dict:
     import numpy as np
 
     from arcfold.retrieval.postprocess import database_augmentation, k_reciprocal, query_expansion
-    from arcfold.retrieval.search import search
+    from arcfold.retrieval.search import faiss_available, search
     from arcfold.retrieval.voting import vote_labels
 
     n, step = args["n"], args["step"]
     kw = {"backend": args["backend"]}
+    if step.startswith("kr@"):  # the k-reciprocal of another commit (--kr-baseline)
+        k_reciprocal = baseline_k_reciprocal(step[3:])
     x, labels = clustered_embeddings(2 * n, D, seed=2)
     q, g, g_labels = x[:n], x[n:], labels[n:]
     # The first stage is the same for every step of a size: computed once, kept in a temporary file (before the clock)
@@ -70,19 +78,57 @@ def worker(args: dict) -> dict:
     else:
         sims, idx = search(q, g, K_FIRST, **kw)  # (Q, K) each
         np.savez(cache, sims=sims, idx=idx)
+    if step == "first":  # only the cache (its own process, so that no measured cell's base includes this search)
+        return dict(args)
+    if faiss_available():
+        import faiss  # noqa: F401  (loaded before the clock: k_reciprocal's k-NN pass uses its heaps)
     base = peak_rss_mib()
     t0 = time.perf_counter()
     if step == "qe":
         query_expansion(q, g, **kw)
     elif step == "dba":
         database_augmentation(g, **kw)
-    elif step == "kr":
-        k_reciprocal(q, g, sims, idx, **kw)
+    elif step == "kr" or step.startswith("kr@"):
+        new_sims, new_idx = k_reciprocal(q, g, sims, idx, **kw)
     else:
         vote_labels(idx, sims, g_labels)
     seconds = time.perf_counter() - t0
     peak = peak_rss_mib()
-    return {**args, "seconds": seconds, "base_mib": base, "peak_mib": peak, "extra_mib": peak - base}
+    out = {**args, "seconds": seconds, "base_mib": base, "peak_mib": peak, "extra_mib": peak - base}
+    if step == "kr" or step.startswith("kr@"):  # kept for the comparison of the two k-reciprocal cells
+        np.savez(Path(tempfile.gettempdir()) / f"arcfold_bench_rerank_{step}_{n}.npz", sims=new_sims, idx=new_idx)
+    return out
+
+
+def baseline_k_reciprocal(commit: str) -> Callable[..., Any]:
+    """``k_reciprocal`` of ``retrieval/postprocess.py`` at ``commit`` (git show), imported as a temporary module."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(
+        ["git", "show", f"{commit}:src/arcfold/retrieval/postprocess.py"], capture_output=True, text=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "baseline_postprocess.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_postprocess", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.k_reciprocal
+
+
+def agreement(n: int, baseline: str) -> dict:
+    """Whether the current and the baseline k-reciprocal cells of size n ranked alike (their saved outputs)."""
+    import numpy as np
+
+    files = [Path(tempfile.gettempdir()) / f"arcfold_bench_rerank_{step}_{n}.npz" for step in ("kr", f"kr@{baseline}")]
+    if not all(f.exists() for f in files):
+        return {}
+    with np.load(files[0]) as cur, np.load(files[1]) as base:
+        return {
+            "same_idx_fraction": float((cur["idx"] == base["idx"]).mean()),
+            "max_abs_score_diff": float(np.abs(cur["sims"] - base["sims"]).max()),
+        }
 
 
 def main() -> None:
@@ -98,6 +144,7 @@ def main() -> None:
     )
     p.add_argument("--steps", default=",".join(STEPS), help="post-processors to run at --sizes (comma-separated)")
     p.add_argument("--keep-previous", action="store_true", help="keep other cells' rows from the last results")
+    p.add_argument("--kr-baseline", default="", help="also time k_reciprocal of this git commit, same sizes")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -110,19 +157,28 @@ def main() -> None:
     steps = [s for s in a.steps.split(",") if s]
     jobs = list(dict.fromkeys([(n, s) for n in sizes for s in steps] + [(n, "kr") for n in kr_sizes]))
     jobs.sort(key=lambda j: j[0])
-    for cache in Path(tempfile.gettempdir()).glob("arcfold_bench_rerank_first_stage_*.npz"):
-        cache.unlink()  # never reuse a first stage from an earlier (possibly different) run
+    if a.kr_baseline:  # each baseline cell just before the current one of its size
+        jobs = [j for n, s in jobs for j in ([(n, f"kr@{a.kr_baseline}")] if s == "kr" else []) + [(n, s)]]
+    for pattern in ("arcfold_bench_rerank_first_stage_*.npz", "arcfold_bench_rerank_kr*.npz"):
+        for cache in Path(tempfile.gettempdir()).glob(pattern):
+            cache.unlink()  # never reuse a first stage or an output from an earlier (possibly different) run
+    for n in dict.fromkeys(n for n, _ in jobs):
+        run_worker(__file__, {"n": n, "step": "first", "backend": a.backend}, timeout=a.timeout)
     rows = []
     for n, step in jobs:
         res = run_worker(__file__, {"n": n, "step": step, "backend": a.backend}, timeout=a.timeout)
+        if step == "kr" and a.kr_baseline:
+            res.update(agreement(n, a.kr_baseline))
         print(json.dumps(res), flush=True)
         rows.append(res)
-    for cache in Path(tempfile.gettempdir()).glob("arcfold_bench_rerank_first_stage_*.npz"):
-        cache.unlink()  # the first stages shared by this run's workers
+    for pattern in ("arcfold_bench_rerank_first_stage_*.npz", "arcfold_bench_rerank_kr*.npz"):
+        for cache in Path(tempfile.gettempdir()).glob(pattern):
+            cache.unlink()  # the first stages and k-reciprocal outputs shared by this run's workers
     command = (
         f"python benchmarks/bench_rerank.py --sizes {a.sizes} --kr-sizes {a.kr_sizes} --backend {a.backend}"
         + (f" --steps {a.steps}" if steps != list(STEPS) else "")
         + (" --keep-previous" if a.keep_previous else "")
+        + (f" --kr-baseline {a.kr_baseline}" if a.kr_baseline else "")
     )
     for r in rows:
         r["command"] = command
@@ -156,8 +212,8 @@ def markdown(rows: list[dict], sizes: list[int], m: dict, a: argparse.Namespace)
         f"search inside (backend={a.backend}). One fresh subprocess per cell; extra = peak RSS minus the peak after",
         "inputs + first stage.",
         "Time is quadratic in N by construction: each post-processor runs an exact search inside (qe: the Q queries",
-        "against the N gallery items, dba: N x N, kr: two (Q+N) x (Q+N) k-NN searches), so 10x the items is ~100x",
-        "the similarity work; memory is not (chunked searches, sparse kr).",
+        "against the N gallery items, dba: N x N, kr: one pass over the upper triangle of the (Q+N) x (Q+N)",
+        "similarities), so 10x the items is ~100x the similarity work; memory is not (chunked searches, sparse kr).",
         "Shared noisy 2-core VM: absolute seconds drift 10-20% (and more under other engineers' load).",
         "",
         "| N | " + " | ".join(f"{s} s | {s} extra MiB" for s in STEPS) + " |",
@@ -181,6 +237,25 @@ def markdown(rows: list[dict], sizes: list[int], m: dict, a: argparse.Namespace)
             f"| {r['n']} | {r['union_items']} | {r['seconds']:.1f} | {r['extra_mib']:.0f} | "
             f"{r['extra_bytes_per_union_item_k1']:.0f} | {r['dense_union_matrix_mib']:.0f} |"
         )
+    baselines = sorted((r for r in rows if r["step"].startswith("kr@")), key=lambda r: (r["step"], r["n"]))
+    if baselines:
+        lines += [
+            "",
+            "k-reciprocal against an earlier commit's code (same run; each baseline cell just before the current one):",
+            "",
+            "| N | commit | its s | its extra MiB | now s | now extra MiB | speed-up | same ranking | max score diff |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for b in baselines:
+            r = by.get((b["n"], "kr"), {"error": "not run"})
+            if "error" in b or "error" in r:
+                lines.append(f"| {b['n']} | {b['step'][3:]} | {(b.get('error') or r.get('error'))[:40]} |||||||")
+                continue
+            lines.append(
+                f"| {b['n']} | {b['step'][3:]} | {b['seconds']:.1f} | {b['extra_mib']:.0f} | {r['seconds']:.1f} | "
+                f"{r['extra_mib']:.0f} | {b['seconds'] / r['seconds']:.1f}x | "
+                f"{r.get('same_idx_fraction', float('nan')):.4f} | {r.get('max_abs_score_diff', float('nan')):.1e} |"
+            )
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ DEFERRED = {
     ("io.py", "fcntl"),
     ("retrieval/search.py", "faiss"),
     ("retrieval/index_tuning.py", "faiss"),
+    ("retrieval/self_knn.py", "faiss"),
     ("__main__.py", "arcfold.stages.cli"),
 }
 

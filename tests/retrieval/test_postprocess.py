@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import functools
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from arcfold.retrieval.postprocess import (
     rerank_pipeline,
 )
 from arcfold.retrieval.search import search
+from arcfold.retrieval.self_knn import self_topk
 from arcfold.retrieval.voting import vote_labels
 
 
@@ -154,11 +156,16 @@ def small_clustered() -> tuple[np.ndarray, np.ndarray]:
     return queries, gallery
 
 
+@pytest.mark.parametrize("block", [None, 37])
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize(
     ("k1", "k2", "lambda_", "scale"), [(20, 6, 0.3, None), (7, 1, 0.3, None), (5, 3, 0.0, None), (9, 4, 0.5, 4.0)]
 )
-def test_k_reciprocal_matches_dense_reference(small_clustered, exclude_self, k1, k2, lambda_, scale) -> None:
+def test_k_reciprocal_matches_dense_reference(
+    small_clustered, monkeypatch, block, exclude_self, k1, k2, lambda_, scale
+) -> None:
+    if block is not None:  # the union's k-NN graph from several (block, block) tiles (its own tests: test_self_knn)
+        monkeypatch.setattr(arcfold.retrieval.postprocess, "self_topk", functools.partial(self_topk, block_size=block))
     queries, gallery = small_clustered
     if exclude_self:
         queries = gallery
@@ -200,8 +207,23 @@ def test_k_reciprocal_expansion_step_is_exercised(small_clustered) -> None:
     _, nn = search(union, union, 21)
     rows, _ = arcfold.retrieval.postprocess._expansion_sets(nn, 20)
     expanded_sizes = np.bincount(rows, minlength=len(union))
-    reciprocal_sizes = arcfold.retrieval.postprocess._reciprocal_mask(nn, np.arange(len(union))).sum(axis=1)
+    recip = arcfold.retrieval.postprocess._reciprocal_sets(nn)
+    # R(i, 20) by its definition, item by item: j in N(i) and i in N(j)
+    expected = [sorted(j for j in nn[i] if i in nn[j]) for i in range(len(union))]
+    assert [recip.indices[recip.indptr[i] : recip.indptr[i + 1]].tolist() for i in range(len(union))] == expected
+    reciprocal_sizes = np.diff(recip.indptr)  # |R(i, 20)|
     assert (expanded_sizes >= reciprocal_sizes).all() and (expanded_sizes > reciprocal_sizes).any()
+
+
+def test_k_reciprocal_with_an_index_searches_as_before(small_clustered) -> None:
+    # index="ivf" takes the search(U, U, k1 + 1) / search(-U, U, 1) path; visiting every list makes it exact, so it
+    # must agree with the default one-pass self_topk path.
+    queries, gallery = small_clustered
+    sims, idx = search(queries, gallery, 25)
+    expected = k_reciprocal(queries, gallery, sims, idx, k1=9, k2=3)
+    got = k_reciprocal(queries, gallery, sims, idx, k1=9, k2=3, index="ivf", nlist=2, nprobe=2)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
 
 
 def test_k_reciprocal_moves_the_reciprocal_match_up() -> None:

@@ -26,14 +26,16 @@ k-reciprocal re-ranking (Zhong, Zheng, Cao & Li, CVPR 2017)
 
     1. Original distance: the squared Euclidean distance of unit vectors, ``2 - 2 s``, divided by a per-row scale.
        ``original_scale="row_max"`` (the default, as in the paper's code) divides row ``i`` by its largest
-       distance to any item of ``U``, ``2 - 2 min_j s(i, j)``, found with one extra search of the negated vectors
-       (``k = 1``), so distances lie in [0, 1]; a float ``c`` divides every row by ``c`` instead (e.g. ``4.0``,
-       the largest possible distance between unit vectors) and skips that search.
+       distance to any item of ``U``, ``2 - 2 min_j s(i, j)``, so distances lie in [0, 1]; a float ``c`` divides
+       every row by ``c`` instead (e.g. ``4.0``, the largest possible distance between unit vectors).
     2. ``N(i, k)``: the ``k + 1`` nearest items of ``i`` in ``U`` (``i`` itself, normally at rank 0, and its k
-       nearest others), read off one ``search(U, U, k1 + 1)``. ``R(i, k) = {j in N(i, k) : i in N(j, k)}`` (the
-       k-reciprocal neighbours).
+       nearest others). ``R(i, k) = {j in N(i, k) : i in N(j, k)}`` (the k-reciprocal neighbours). With an exact
+       index (the default) one pass of :func:`arcfold.retrieval.self_knn.self_topk` gives both the
+       ``search(U, U, k1 + 1)`` table and the row minima of step 1, computing only the upper triangle of ``U U^T``;
+       with ``index="ivf"``/``"hnsw"`` they come from ``search(U, U, k1 + 1)`` and ``search(-U, U, 1)``.
     3. Expansion: ``R*(i) = R(i, k1)`` united with ``R(c, h)`` of every ``c in R(i, k1)`` for which
-       ``|R(c, h) ∩ R(i, k1)| > 2/3 |R(c, h)|``, where ``h = round(k1 / 2)`` (numpy rounding, half to even).
+       ``|R(c, h) ∩ R(i, k1)| > 2/3 |R(c, h)|``, where ``h = round(k1 / 2)`` (numpy rounding, half to even); the
+       overlaps are one sparse product of the two sets' 0/1 matrices.
     4. ``V[i, j] = exp(-d(i, j)) / sum_{j' in R*(i)} exp(-d(i, j'))`` for ``j in R*(i)``, else 0: a sparse
        (|U|, |U|) CSR matrix whose rows sum to 1.
     5. Local query expansion: ``V[i] <- mean of V[j] over the k2 nearest items j of i`` (skipped when k2 = 1).
@@ -82,6 +84,7 @@ import scipy.sparse as sp
 from arcfold.errors import RerankError
 from arcfold.retrieval.checks import check_int, check_real
 from arcfold.retrieval.search import as_matrix, search
+from arcfold.retrieval.self_knn import self_topk
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +100,8 @@ __all__ = [
     "spec_path",
 ]
 
-# Elements of the (rows, k1+1, h+1, k1+1) bool block that tests set membership when building the k-reciprocal sets
-# (4096 rows at k1=20).
-_KR_MEMBERSHIP_ELEMENTS = 20_000_000
-# Stored entries per chunk when computing the query-candidate Jaccard sums (two sparse (pairs, |U|) blocks).
+# Stored entries per chunk when computing the query-candidate Jaccard sums (two sparse (pairs, |U|) blocks), and the
+# bound on the entries of R @ H.T per chunk of rows in the expansion step.
 _KR_JACCARD_NNZ = 4_000_000
 
 
@@ -173,58 +174,75 @@ def database_augmentation(gallery: np.ndarray, k: int = 2, alpha: float = 3.0, *
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _reciprocal_mask(nn: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``out[r, t]``: is ``rows[r]`` among the neighbours of its own t-th neighbour? ``nn`` (|U|, n); (len(rows), n)."""
-    return (nn[nn[rows]] == rows[:, None, None]).any(axis=2)
+def _reciprocal_sets(nn: np.ndarray) -> sp.csr_matrix:
+    """``R(i, k)`` of every item as a 0/1 (|U|, |U|) int32 CSR with sorted indices; ``nn`` (|U|, k + 1).
+
+    ``N[i, j] = 1`` for j in N(i, k); ``R = N * N.T`` element-wise: j in N(i, k) and i in N(j, k).
+    """
+    n_items, width = nn.shape
+    indptr = np.arange(0, n_items * width + 1, width, dtype=np.int64)  # (|U| + 1,)
+    near = sp.csr_matrix((np.ones(n_items * width, dtype=np.int32), nn.ravel(), indptr), shape=(n_items, n_items))
+    near.sort_indices()
+    sets = near.multiply(near.T.tocsr()).tocsr()
+    sets.sort_indices()
+    return sets
 
 
 def _expansion_sets(nn: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and columns of every pair (i, j) with j in R*(i) (module docstring, steps 2-3), sorted by (i, j)."""
+    """Rows and columns of every pair (i, j) with j in R*(i) (module docstring, steps 2-3), sorted by (i, j).
+
+    With R = R(., k1) and H = R(., h) as 0/1 sparse matrices, ``(R @ H.T)[i, c] = |R(i, k1) ∩ R(c, h)|``; read at the
+    candidates c in R(i, k1), it says which qualify (Q), and R*(i) is the pattern of ``R + Q @ H``. kNN rows hold
+    distinct ids, so these counts are set sizes.
+    """
     n_items = len(nn)
     h = int(np.around(k1 / 2))
-    row_chunk = max(1, _KR_MEMBERSHIP_ELEMENTS // ((k1 + 1) ** 2 * (h + 1)))
-    nn_half = np.ascontiguousarray(nn[:, : h + 1])  # (|U|, h + 1)
-    recip_half = np.empty(nn_half.shape, dtype=bool)  # (|U|, h + 1): R(i, h) as a mask over nn_half[i]
-    for start in range(0, n_items, row_chunk):
-        rows = np.arange(start, min(start + row_chunk, n_items))
-        recip_half[rows] = _reciprocal_mask(nn_half, rows)
-
+    recip = _reciprocal_sets(nn)  # (|U|, |U|): R(i, k1)
+    half = _reciprocal_sets(np.ascontiguousarray(nn[:, : h + 1]))  # (|U|, |U|): R(c, h)
+    half_t = half.T.tocsr()
+    half_size = np.diff(half.indptr)  # (|U|,) |R(c, h)|
+    row_chunk = max(1, _KR_JACCARD_NNZ // ((k1 + 1) * (h + 1)))  # R @ H.T holds <= (k1 + 1)(h + 1) per row
     out_rows, out_cols = [], []
     for start in range(0, n_items, row_chunk):
-        rows = np.arange(start, min(start + row_chunk, n_items))  # (c,)
-        r_ids = nn[rows]  # (c, k1 + 1): N(i, k1); column t is also the candidate c of step 3
-        r_mask = _reciprocal_mask(nn, rows)  # (c, k1 + 1): R(i, k1)
-        cand_ids = nn_half[r_ids]  # (c, k1 + 1, h + 1): N(c, h) of every candidate
-        cand_mask = recip_half[r_ids]  # (c, k1 + 1, h + 1): R(c, h)
-        # Is each member of R(c, h) also in R(i, k1)? kNN rows hold distinct ids, so counts are set sizes.
-        in_r = ((cand_ids[..., None] == r_ids[:, None, None, :]) & r_mask[:, None, None, :]).any(axis=3)
-        overlap = (in_r & cand_mask).sum(axis=2)  # (c, k1 + 1)
-        size = cand_mask.sum(axis=2)  # (c, k1 + 1)
-        qualifies = r_mask & (3 * overlap > 2 * size)  # |R(c,h) ∩ R(i,k1)| > 2/3 |R(c,h)|, in integers
-        add = qualifies[..., None] & cand_mask  # (c, k1 + 1, h + 1)
-        row_ids = np.concatenate(
-            [np.broadcast_to(rows[:, None], r_mask.shape)[r_mask], np.broadcast_to(rows[:, None, None], add.shape)[add]]
+        r = recip[start : start + row_chunk]  # (c, |U|)
+        overlap = r.multiply(r @ half_t).tocsr()  # (c, |U|): |R(c,h) ∩ R(i,k1)| at c in R(i,k1) (zeros left out)
+        overlap.sort_indices()
+        row_of = np.repeat(np.arange(overlap.shape[0]), np.diff(overlap.indptr))  # (nnz,)
+        qualifies = 3 * overlap.data > 2 * half_size[overlap.indices]  # |R(c,h) ∩ R(i,k1)| > 2/3 |R(c,h)|
+        chosen = sp.csr_matrix(
+            (np.ones(int(qualifies.sum()), dtype=np.int32), (row_of[qualifies], overlap.indices[qualifies])),
+            shape=overlap.shape,
         )
-        col_ids = np.concatenate([r_ids[r_mask], cand_ids[add]])
-        keys = np.unique(row_ids.astype(np.int64) * n_items + col_ids)  # de-duplicated and sorted by (i, j)
-        out_rows.append(keys // n_items)
-        out_cols.append(keys % n_items)
+        expanded = (r + chosen @ half).tocsr()  # (c, |U|): pattern R*(i)
+        expanded.sort_indices()
+        out_rows.append(np.repeat(np.arange(start, start + expanded.shape[0]), np.diff(expanded.indptr)))
+        out_cols.append(expanded.indices.astype(np.int64))
     return np.concatenate(out_rows), np.concatenate(out_cols)
 
 
-def _row_scales(union: np.ndarray, original_scale: str | float, search_kwargs: dict[str, Any]) -> np.ndarray:
-    """Per-row divisor of ``2 - 2 s`` (module docstring, step 1); (|U|,) float64."""
+def _check_original_scale(original_scale: str | float) -> str | float:
     if isinstance(original_scale, str):
         if original_scale != "row_max":
             raise ValueError(f"original_scale must be 'row_max' or a positive number, got {original_scale!r}")
-        neg_max, _ = search(-union, union, 1, **search_kwargs)  # (|U|, 1): max_j <-x_i, x_j> = -min_j s(i, j)
-        scales = 2.0 + 2.0 * neg_max[:, 0].astype(np.float64)  # (|U|,) = 2 - 2 min_j s(i, j)
-        # All items identical (largest distance 0): any positive scale gives the same all-zero distances.
-        return np.where(scales > 0, scales, 1.0)
+        return original_scale
     scale = check_real(original_scale, "original_scale", 0.0)
     if scale == 0:
         raise ValueError("original_scale must be positive")
-    return np.full(len(union), scale)
+    return scale
+
+
+def _row_scales(
+    union: np.ndarray, original_scale: str | float, search_kwargs: dict[str, Any], row_min: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-row divisor of ``2 - 2 s`` (module docstring, step 1); (|U|,) float64. ``row_min``: min_j s(i, j) or None."""
+    if original_scale == "row_max":
+        if row_min is None:
+            neg_max, _ = search(-union, union, 1, **search_kwargs)  # (|U|, 1): max_j <-x_i, x_j> = -min_j s(i, j)
+            row_min = -neg_max[:, 0]
+        scales = 2.0 - 2.0 * row_min.astype(np.float64)  # (|U|,) = 2 - 2 min_j s(i, j)
+        # All items identical (largest distance 0): any positive scale gives the same all-zero distances.
+        return np.where(scales > 0, scales, 1.0)
+    return np.full(len(union), original_scale)
 
 
 def _jaccard_weights(
@@ -240,7 +258,8 @@ def _jaccard_weights(
         dist[start : start + row_chunk] = (2.0 - 2.0 * s) / scales[r]
     weights = np.exp(-dist)  # (nnz,)
     weights /= np.bincount(rows, weights=weights, minlength=n_items)[rows]  # every row sums to 1
-    v = sp.csr_matrix((weights.astype(np.float32), (rows, cols)), shape=(n_items, n_items))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_items))])  # rows are sorted by (i, j)
+    v = sp.csr_matrix((weights.astype(np.float32), cols, indptr), shape=(n_items, n_items))
     if k2 > 1:
         mean_rows = _neighbour_matrix(np.full((n_items, k2), 1.0 / k2, dtype=np.float32), nn[:, :k2], n_items)
         v = (mean_rows @ v).tocsr()  # (|U|, |U|), row i = mean of V over the k2 nearest items of i
@@ -313,8 +332,17 @@ def k_reciprocal(
     if k2 > k1 + 1:
         raise ValueError(f"k2={k2} must be <= k1 + 1 = {k1 + 1}")
 
-    scales = _row_scales(union, original_scale, search_kwargs)  # (|U|,)
-    _, nn = search(union, union, k1 + 1, **search_kwargs)  # (|U|, k1 + 1), self normally at rank 0
+    original_scale = _check_original_scale(original_scale)
+    if search_kwargs.get("index", "exact") == "exact":
+        # One blocked pass over the symmetric union gives the k-NN table and each row's smallest similarity.
+        graph = self_topk(
+            union, k1 + 1, row_min=original_scale == "row_max", device=search_kwargs.get("device", "auto")
+        )
+        nn, row_min = graph.idx, graph.row_min  # (|U|, k1 + 1), self normally at rank 0; (|U|,) or None
+    else:
+        row_min = None
+        _, nn = search(union, union, k1 + 1, **search_kwargs)  # (|U|, k1 + 1), self normally at rank 0
+    scales = _row_scales(union, original_scale, search_kwargs, row_min)  # (|U|,)
     v = _jaccard_weights(union, nn, scales, k1, k2)  # (|U|, |U|) sparse
     overlap = _min_overlap(v, query_rows, idx.astype(np.int64) + offset)  # (Q, K)
     jaccard = 1.0 - overlap / (2.0 - overlap)  # (Q, K)

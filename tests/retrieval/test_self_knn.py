@@ -1,0 +1,141 @@
+"""Tests for arcfold.retrieval.self_knn: the blocked symmetric self-join equals search(x, x, k), ties included."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+import torch
+
+import arcfold.retrieval.self_knn
+from arcfold.retrieval.search import search
+from arcfold.retrieval.self_knn import self_topk
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _clustered(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, d))
+    return _unit(centres[rng.integers(0, 12, n)] + 0.7 * rng.normal(size=(n, d)))
+
+
+def _reference(x: np.ndarray, k: int, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force in float64 over the full square: rank by (-similarity, index), exact for integer vectors."""
+    s = x.astype(np.float64) @ x.astype(np.float64).T  # (n, n)
+    if exclude_self:
+        np.fill_diagonal(s, -np.inf)
+    cols = np.broadcast_to(np.arange(len(x)), s.shape)
+    order = np.lexsort((cols, -s), axis=1)[:, :k]  # (n, k): the last key is the primary one
+    return np.take_along_axis(s, order, axis=1), order
+
+
+@pytest.fixture
+def count_paths(monkeypatch):
+    """Count how often a tile's columns go through the sparse push, so a test can require both paths."""
+    calls = {"sparse": 0}
+    push = arcfold.retrieval.self_knn._push_sparse
+
+    def counting(*args, **kwargs):
+        calls["sparse"] += 1
+        return push(*args, **kwargs)
+
+    monkeypatch.setattr(arcfold.retrieval.self_knn, "_push_sparse", counting)
+    return calls
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize(("n", "k", "block"), [(700, 5, 64), (333, 21, 50), (157, 156, 40), (90, 3, 1024)])
+def test_self_topk_equals_search(count_paths, n: int, k: int, block: int, exclude_self: bool) -> None:
+    # Blocks that do not divide n, k from 3 up to n - 1, one tile (block > n), and clustered data.
+    if exclude_self and k == n - 1:
+        k = n - 2  # n - 1 would be every other item: fine too, but keep one k below the maximum
+    x = _clustered(n, 24, seed=n)
+    res = self_topk(x, k, exclude_self=exclude_self, row_min=True, device="cpu", block_size=block)
+    sims, idx = search(x, x, k, exclude_self=exclude_self, backend="torch", device="cpu")
+    np.testing.assert_array_equal(res.idx, idx)
+    np.testing.assert_allclose(res.sims, sims, rtol=0, atol=1e-6)  # float32 GEMM of other tile shapes: last bit
+    assert res.sims.dtype == np.float32 and res.idx.dtype == np.int64 and res.row_min.dtype == np.float32
+    ref_s, ref_idx = _reference(x, k, exclude_self)
+    np.testing.assert_allclose(res.sims, ref_s, atol=1e-5)
+    # The row minimum over every item (itself included), as the negated k=1 search computes it.
+    neg_max, _ = search(-x, x, 1, backend="torch", device="cpu")
+    np.testing.assert_allclose(res.row_min, -neg_max[:, 0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(res.row_min, (x.astype(np.float64) @ x.T.astype(np.float64)).min(axis=1), atol=1e-5)
+    if n == 700:
+        assert count_paths["sparse"] > 10  # most tiles push only the similarities above the thresholds
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("block", [7, 32, 1000])
+def test_self_topk_ties_follow_the_search_rule(count_paths, block: int, exclude_self: bool) -> None:
+    # Small integer vectors: products are exact in float32 whatever the summation order, so many similarities tie
+    # exactly and the order (-similarity, index) decides which tied items make the top k, as in search.
+    rng = np.random.default_rng(3)
+    base = rng.integers(-2, 3, size=(40, 4)).astype(np.float32)
+    x = np.concatenate([base, base[rng.integers(0, 40, 160)]])  # (200, 4), with duplicate rows
+    x = x[rng.permutation(len(x))]
+    x[(x == 0).all(axis=1)] = 1.0  # no zero vector (any similarity is still an integer)
+    for k in (1, 4, 9, 30):
+        res = self_topk(x, k, exclude_self=exclude_self, row_min=True, device="cpu", block_size=block)
+        ref_s, ref_idx = _reference(x, k, exclude_self)
+        np.testing.assert_array_equal(res.idx, ref_idx)
+        np.testing.assert_array_equal(res.sims, ref_s.astype(np.float32))
+        np.testing.assert_array_equal(res.idx, search(x, x, k, exclude_self=exclude_self, backend="torch")[1])
+        np.testing.assert_array_equal(res.row_min, (x @ x.T).min(axis=1))
+    if block == 7:
+        assert count_paths["sparse"] > 0
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_self_topk_same_with_one_or_two_threads(count_paths, exclude_self: bool) -> None:
+    # With more than one torch thread, a tile's rows and columns are pushed by two Python threads at once.
+    x = _clustered(500, 16, seed=7)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            results.append(self_topk(x, 9, exclude_self=exclude_self, row_min=True, device="cpu", block_size=48))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results[0].idx, search(x, x, 9, exclude_self=exclude_self, backend="torch")[1])
+    assert count_paths["sparse"] > 20
+
+
+def test_self_topk_without_faiss_is_the_same(monkeypatch) -> None:
+    x = _clustered(120, 8, seed=1)
+    expected = self_topk(x, 6, row_min=True, device="cpu", block_size=16)
+    monkeypatch.setattr(arcfold.retrieval.self_knn, "faiss_available", lambda: False)
+    fallback = self_topk(x, 6, row_min=True, device="cpu", block_size=16)
+    np.testing.assert_array_equal(expected.idx, fallback.idx)
+    np.testing.assert_allclose(expected.sims, fallback.sims, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(expected.row_min, fallback.row_min, rtol=0, atol=1e-6)
+    assert self_topk(x, 6, device="cpu").row_min is None
+
+
+def test_self_topk_errors() -> None:
+    x = _clustered(10, 4, seed=0)
+    with pytest.raises(ValueError, match="k=11 but only 10 items"):
+        self_topk(x, 11)
+    with pytest.raises(ValueError, match="k=10 but only 9 items"):
+        self_topk(x, 10, exclude_self=True)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        self_topk(x, 0)
+    with pytest.raises(ValueError, match="block_size must be"):
+        self_topk(x, 2, block_size=0)
+    with pytest.raises(ValueError, match="unknown device"):
+        self_topk(x, 2, device="tpu")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        self_topk(np.where(np.arange(40).reshape(10, 4) == 5, np.nan, x), 2)
+    with pytest.raises(ValueError, match="float32 overflow"):
+        self_topk(x * np.float32(1e20), 2, device="cpu")
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(arcfold.retrieval.self_knn).failed == 0
