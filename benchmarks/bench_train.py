@@ -1,11 +1,11 @@
 """Training throughput: arcfold's epoch loop on its real data path against a bare loop on preloaded tensors.
 
-Both train the *same* model, head, optimiser and batch (``configs/omniglot_arcface.yaml``: resnet18 + GeM +
-Linear-BN-PReLU, ArcFace head, AdamW, 64 px, batch 64, fold 0's training images), so the only differences are
-what ``train_fold.sh`` adds around the step:
+Both train the *same* model, head, optimiser and batch (``configs/omniglot_arcface.yaml``'s: resnet18, ArcFace
+head, 64 px, its batch size; the JSON records them; fold 0's training images), so the only differences are what
+``train_fold.sh`` adds around the step:
 
 * arcfold: ``arcfold.training.loop.train_one_epoch`` fed by ``ImageDataset(cache=True)`` (decoded, resized images cached
-  in memory), albumentations ``light`` augmentation on uint8 and a DataLoader (``num_workers`` from the config) whose
+  in memory), the config's albumentations augmentation on uint8 and a DataLoader (``num_workers`` from the config) whose
   collate normalises each batch at once (``train.build_train_collate``, as ``train_fold`` builds it), plus its
   per-step guards (non-finite loss/gradient checks, clipping above ``train.grad_clip``, margin warm-up, scheduler).
 * bare: ``loss = head(model(x), y); loss.backward(); optimizer.step()`` on (N, 3, 64, 64) float tensors decoded

@@ -14,7 +14,8 @@ too.
 Rows (``--rows``, each through the real command lines, so a row is exactly what a user gets):
 
 - ``arcfold``: ``bash train_fold.sh 0..2 CONFIG`` then ``python -m arcfold test``;
-- ``ema``, ``no_ema``, ...: the same with the overrides in ``VARIANTS`` (one config key each);
+- ``ema``, ``previous``: the same with the overrides in ``VARIANTS`` (``previous``: the defaults before the
+  study's round 3, pinned);
 - ``two_stage``: ``STAGE1_EPOCHS`` epochs at 64 px, then ``model.init_from=models/<stage 1>/fold{fold}.pt`` at 96 px
   for the remaining epochs (same number of images seen as the 10-epoch rows);
 - ``full``: ``bash train_fold.sh full CONFIG`` (one model on all 3 folds' rows, never the test split) for the
@@ -61,17 +62,17 @@ from arcfold.retrieval.metrics import retrieval_metrics  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("recall@1", "recall@5", "recall@10", "map@r")
 TARGET = {"recall@1": 0.03, "map@r": 0.05}  # issue 16: arcfold's defaults beat the reference by at least this
-VARIANTS = {  # row -> overrides on top of the config (one key per row except round3: the row measures that key)
+REFERENCE_BATCH = 64  # issue 16's recipe (arcfold's Omniglot default is 32: a difference the README lists)
+VARIANTS = {  # row -> overrides on top of the config (one key per row: the row measures that key)
     "arcfold": [],
     "ema": ["train.ema_decay=0.999"],  # with ModelEmaV3's warm-up: ~0.98 by the end of a 400-step run
-    "bn_gp": ["model.neck=bn_gp"],  # the BNNeck (BatchNorm on the pooled 512-d features, no linear layer)
-    # the study's round 3 on fold 0 (omniglot_defaults_study.md): BN-GP + batch 32 (twice the steps for the same
-    # images) + the OneCycle-like ends of the schedule (warm-up from lr / 25, cosine down to 0)
-    "round3": [
-        "model.neck=bn_gp",
-        "train.batch_size=32",
-        "scheduler.warmup_lr_factor=0.04",
-        "scheduler.min_lr_factor=0",
+    # the defaults before the study's round 3 (omniglot_defaults_study.md), pinned: Linear-BN neck, batch 64,
+    # warm-up from lr / 100 and cosine to lr / 100
+    "previous": [
+        "model.neck=linear_bn",
+        "train.batch_size=64",
+        "scheduler.warmup_lr_factor=0.01",
+        "scheduler.min_lr_factor=0.01",
     ],
 }
 STAGE1_EPOCHS = 7  # two_stage: 7 epochs at 64 px + 3 at 96 px = the 10 epochs of the other rows
@@ -111,15 +112,17 @@ def pml_check(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"recall@1": float(acc["precision_at_1"]), "map@r": float(acc["mean_average_precision_at_r"])}
 
 
-def reference_folds(cfg, force: bool, lr: float | None = None) -> dict:
+def reference_folds(cfg, force: bool, lr: float | None = None, batch: int = REFERENCE_BATCH) -> dict:
     """Train the reference on every fold (cached in oof/bench_reference/), score its OOF and the test split.
 
     ``lr``: the recipe's learning rates (1e-3, 1e-2 for the centres) replaced by ``lr`` and 10 x ``lr`` (cached in
-    oof/bench_reference_lr<lr>/): the loop at arcfold's learning rate, a sensitivity row, not the reference.
+    oof/bench_reference_lr<lr>/); ``batch`` other than the recipe's 64: cached in oof/bench_reference_b<batch>/.
+    Both are sensitivity rows (the loop with one of arcfold's settings), not the reference.
     """
     df = load_folds(cfg.folds_path)
     root = image_root(cfg.data)
-    out = ROOT / cfg.paths.oof_dir / ("bench_reference" if lr is None else f"bench_reference_lr{lr:g}")
+    name = "bench_reference" + ("" if lr is None else f"_lr{lr:g}") + ("" if batch == REFERENCE_BATCH else f"_b{batch}")
+    out = ROOT / cfg.paths.oof_dir / name
     rates = {} if lr is None else {"lr": lr, "head_lr": 10 * lr}
     test = df[df[FOLD] == TEST_FOLD]
     x_test = load_images(resolve_image_paths(test, root), cfg.data.image_size)
@@ -134,7 +137,7 @@ def reference_folds(cfg, force: bool, lr: float | None = None) -> dict:
             y = torch.from_numpy(np.searchsorted(classes, tr[LABEL].to_numpy()))
             before, t0 = loadavg(), time.time()
             print(f"\nreference fold {k}: {len(tr)} training images, {len(classes)} classes", flush=True)
-            model = train_reference(x, y, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, seed=k, **rates)
+            model = train_reference(x, y, epochs=cfg.train.epochs, batch_size=batch, seed=k, **rates)
             seconds = time.time() - t0
             x_val = load_images(resolve_image_paths(va, root), cfg.data.image_size)
             save_npz(path, val=embed(model, x_val), test=embed(model, x_test))
@@ -200,7 +203,8 @@ def render(result: dict) -> str:
         "",
         f"3 folds of 2 alphabets (validation: 2 alphabets never trained on), test split {result['test_groups']} "
         f"({result['n_test']} images, never trained, validated or selected on); resnet18 from random init, 64 px, "
-        "batch 64, 10 epochs, the last epoch kept by both sides. Leave-one-out Recall@1 / MAP@R. Test split: the 3 "
+        f"10 epochs (batch {result['batch_size']} for arcfold, {REFERENCE_BATCH} for the reference, as its recipe "
+        "says), the last epoch kept by both sides. Leave-one-out Recall@1 / MAP@R. Test split: the 3 "
         "fold models concatenated (what inference submits), and the mean of the 3 models scored alone.",
         "",
         "| run | fold 0 | fold 1 | fold 2 | fold mean R@1 | fold mean MAP@R | test R@1 | test MAP@R "
@@ -263,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="also train the reference loop with this network lr (10x on its centres): a sensitivity row",
     )
+    parser.add_argument(
+        "--reference-batch", type=int, default=None, help="also train the reference loop at this batch size"
+    )
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     started, load_before = time.time(), loadavg()
@@ -290,12 +297,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_at_lr:
         sensitivity = reference_folds(cfg, args.force, lr=args.reference_at_lr)
         rows[f"plain loop at lr {args.reference_at_lr:g}"] = {"overrides": [], "sensitivity": True, **sensitivity}
+    if args.reference_batch:
+        sensitivity = reference_folds(cfg, args.force, batch=args.reference_batch)
+        rows[f"plain loop at batch {args.reference_batch}"] = {"overrides": [], "sensitivity": True, **sensitivity}
     df = load_folds(cfg.folds_path)
     test = df[df[FOLD] == TEST_FOLD]
     result = {
         "benchmark": "omniglot",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "cpus": os.cpu_count(),
+        "batch_size": cfg.train.batch_size,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "minutes": (time.time() - started) / 60,
