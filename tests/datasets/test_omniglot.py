@@ -39,7 +39,9 @@ def test_prepare_counts_the_shared_alphabets_once(omniglot_input):
 
 @pytest.mark.slow
 def test_two_epochs_beat_random_and_untrained_embeddings(tmp_path, omniglot_input):
+    # the config's BN-GP neck keeps the backbone's width: resnet10t's 512, not TINY's 64
     overrides = [*tmp_path_overrides(tmp_path), f"data.input_dir={omniglot_input}", *TINY, "train.epochs=2"]
+    overrides.append("model.embedding_size=512")
     cfg = load_config(REPO / "configs" / "omniglot_arcface.yaml", overrides)
     scores = train_fold(cfg, 0)
     oof = load_npz(tmp_path / "oof" / "omniglot_arcface" / "fold0.npz")
@@ -55,6 +57,6 @@ def test_two_epochs_beat_random_and_untrained_embeddings(tmp_path, omniglot_inpu
         f"omniglot fold 0 R@1: trained {scores['recall@1']:.4f}, untrained {untrained_r1:.4f}, "
         f"random {random_r1['recall@1']:.4f}"
     )
-    # measured: trained ~0.64, untrained ~0.23, random ~0.01 (2 alphabets never seen in training)
+    # measured: trained ~0.61, untrained ~0.13, random ~0.02 (2 alphabets never seen in training)
     assert scores["recall@1"] > 10 * random_r1["recall@1"]
     assert scores["recall@1"] > untrained_r1 + 0.15
