@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import arcfold.retrieval.self_knn
+from arcfold.retrieval.exact_knn import knn
 from arcfold.retrieval.search import search
 from arcfold.retrieval.self_knn import self_topk
 
@@ -67,6 +68,20 @@ def test_self_topk_equals_search(count_paths, n: int, k: int, block: int, exclud
     np.testing.assert_allclose(res.row_min, (x.astype(np.float64) @ x.T.astype(np.float64)).min(axis=1), atol=1e-5)
     if n == 700:
         assert count_paths["sparse"] > 10  # most tiles push only the similarities above the thresholds
+
+
+@pytest.mark.parametrize(("n", "block"), [(784, 65), (603, 100), (500, 1024)])
+def test_self_topk_is_bit_identical_to_knn_with_duplicates(n: int, block: int) -> None:
+    # Continuous unit vectors, a third of them exact copies: duplicates tie only if every similarity comes from the
+    # same GEMM kernel as knn's. 784 % 65 = 4 and 603 % 100 = 3: edge tiles thinner than MKL's 12-column (4-row)
+    # threshold, below which it sums in another order (computed here as a full block, then cut out).
+    rng = np.random.default_rng(n)
+    base = _clustered(n - n // 3, 24, seed=n)
+    x = np.ascontiguousarray(np.concatenate([base, base[rng.choice(len(base), n // 3)]])[rng.permutation(n)])
+    res = self_topk(x, 20, exclude_self=True, device="cpu", block_size=block)
+    sims, idx = knn(x, x, 20, exclude_self=True)
+    np.testing.assert_array_equal(res.sims, sims)
+    np.testing.assert_array_equal(res.idx, idx)
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])

@@ -39,10 +39,22 @@ MAP@R
     Retrieving ``k = max R`` neighbours per query makes this exact (as pytorch-metric-learning does with
     ``k="max_bin_count"``); :func:`retrieval_metrics` picks ``k`` per chunk of queries.
 
+Two paths (``method``), same numbers
+    *symmetric* (``"auto"``'s choice when every item is scored on the CPU): one
+    :func:`arcfold.retrieval.self_knn.self_topk` pass over the set against itself, self excluded, with one ``k`` for
+    all rows: GEMM on (1024, 1024) tiles of the upper triangle only (half the multiply-adds of the square) and faiss
+    heaps fed only the similarities above each row's current k-th value. *chunked* (a ``query_subset``, a CUDA
+    device, or heaps over 1 GiB: N x k x 12 bytes): chunks of queries against all N items, torch top-k as above.
+    Both apply the tie rule above (self_topk keeps the lower index among equal values, see its docstring), so each
+    query gets the same ranked neighbours; a similarity may differ in the last float32 bit between the two GEMM
+    shapes, which can only swap items within ~1e-7 of each other (none in the tests and benchmarks, where the
+    metrics agree to the last digit, on data with duplicate vectors too).
+
 Memory
-    Queries are processed in chunks, so only a ``(chunk_size, N)`` similarity block exists at any time, never the
-    ``(N, N)`` matrix. The default chunk size keeps that block at about 256 MiB of float32. Besides it, memory is
-    the (N, D) float32 embeddings (plus a normalised copy) and O(N) per-query results.
+    Chunked: only a ``(chunk_size, N)`` similarity block exists at any time, never the ``(N, N)`` matrix; the
+    default chunk size keeps that block at about 256 MiB of float32. Symmetric: the (N, k) heaps (12 bytes an
+    entry: 168 MiB at 1M x k=14) and four 4 MiB tiles. Besides, the (N, D) float32 embeddings (plus a normalised
+    copy) and O(N) per-query results.
 """
 
 from __future__ import annotations
@@ -54,14 +66,29 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["DEFAULT_KS", "knn", "map_at_r", "recall_at_k", "retrieval_metrics"]
+from arcfold.retrieval.exact_knn import (
+    as_float_matrix,
+    knn,
+    resolve_chunk_size,
+    resolve_device,
+    rows_message,
+    topk_chunk,
+)
+from arcfold.retrieval.search import faiss_available
+from arcfold.retrieval.self_knn import self_topk
+
+__all__ = ["DEFAULT_KS", "METHODS", "knn", "map_at_r", "recall_at_k", "retrieval_metrics"]
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 5, 8, 10)
+# How retrieval_metrics finds the neighbours (module docstring, "Two paths").
+METHODS: tuple[str, ...] = ("auto", "symmetric", "chunked")
 
-# Budget for one float32 (chunk_size, N) similarity block; the default chunk size is derived from it.
-_CHUNK_BYTES = 256 * 2**20
-# How many offending row indices to name in an error message before abbreviating.
-_MAX_ROWS_IN_MESSAGE = 10
+# The symmetric path keeps (N, k) float32 + int64 heaps (12 bytes an entry); above this, "auto" takes the chunked one.
+_HEAP_BYTES = 2**30
+# The symmetric path's tile side (self_knn's default; tests use small odd ones).
+_SYMMETRIC_BLOCK = 1024
+# Queries scored at a time from the symmetric path's neighbour table (bounds the (rows, k) temporaries).
+_SCORE_ROWS = 2**16
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -174,167 +201,6 @@ def map_at_r(neighbour_labels: np.ndarray, query_labels: np.ndarray, n_relevant:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Exact k-NN with a deterministic tie rule
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _rows_message(bad: np.ndarray) -> str:
-    rows = np.flatnonzero(bad)
-    shown = ", ".join(str(r) for r in rows[:_MAX_ROWS_IN_MESSAGE])
-    more = f", ... ({len(rows)} rows in all)" if len(rows) > _MAX_ROWS_IN_MESSAGE else ""
-    return f"[{shown}{more}]"
-
-
-def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    """Validate a (n, D) real, finite, non-empty matrix; return it as a float32 tensor (on its own device), no grad."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        arr = np.asarray(x)
-        if arr.dtype.kind not in "biuf":
-            raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-        t = torch.from_numpy(arr)
-    if t.is_complex():
-        raise ValueError(f"{name} must be real-valued, got dtype {t.dtype}")
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, D), got shape {tuple(t.shape)}")
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    t = t.to(torch.float32)
-    finite_rows = torch.isfinite(t).all(dim=1)  # (n,)
-    if not bool(finite_rows.all()):
-        raise ValueError(f"{name} contain NaN/inf at rows {_rows_message(~finite_rows.cpu().numpy())}")
-    return t
-
-
-def _default_chunk_size(n_gallery: int) -> int:
-    return max(1, _CHUNK_BYTES // (4 * n_gallery))
-
-
-def _resolve_chunk_size(chunk_size: int | None, n_gallery: int) -> int:
-    if chunk_size is None:
-        return _default_chunk_size(n_gallery)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return int(chunk_size)
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    dev = torch.device("cpu") if device is None else torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(dev)!r} requested but CUDA is not available")
-    return dev
-
-
-def _topk_chunk(
-    queries: torch.Tensor,
-    gallery: torch.Tensor,
-    k: int,
-    self_index: torch.Tensor | None,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by inner product for one chunk of queries, ranked by (-similarity, gallery index).
-
-    ``queries`` (c, D), ``gallery`` (N, D), same device; ``self_index`` (c,) gallery index of each query to exclude,
-    or None. Requires ``k <= N`` (``k <= N - 1`` with ``self_index``). ``out``: optional float32 buffer of at least
-    (c, N) for the similarity block, reused across chunks so that each chunk does not fault in fresh pages.
-    Returns (c, k) float32 similarities and (c, k) int64 gallery indices.
-    """
-    c, n = len(queries), len(gallery)
-    sims = torch.matmul(queries, gallery.T, out=out[:c]) if out is not None else queries @ gallery.T  # (c, N)
-    if self_index is not None:
-        # -inf ranks the query itself below every finite similarity; since k <= N - 1 it is never retrieved.
-        sims[torch.arange(c, device=sims.device), self_index] = -torch.inf
-    # One extra candidate tells whether a tie straddles the k-th position (see below) without another pass over sims.
-    k_fetch = min(k + 1, n)
-    vals, idx = torch.topk(sims, k_fetch, dim=1, largest=True, sorted=True)  # (c, k_fetch) each
-    if not bool(torch.isfinite(vals[:, :k]).all()):
-        # Inputs are finite, so this is float32 overflow in the dot products (huge un-normalised vectors).
-        raise ValueError("similarities are not finite (float32 overflow); normalise or rescale the embeddings")
-
-    # A tie straddles the k-th position when the full row holds more values equal to the k-th value than the top k
-    # do; topk may then have kept higher indices than the rule wants. topk's *values* are exact, so this happens iff
-    # the (k+1)-th largest value equals the k-th (impossible when k_fetch == k: the whole row was retrieved, and the
-    # excluded self is -inf, never equal to a finite k-th value).
-    if k_fetch > k:
-        straddle = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()  # (s,), rare
-    else:
-        straddle = torch.empty(0, dtype=torch.long, device=sims.device)
-    vals, idx = vals[:, :k], idx[:, :k]  # (c, k)
-
-    # Elsewhere the candidate set is right, but topk may order equal values arbitrarily. Sort the candidates by
-    # index, then stably by -similarity: the result is ordered by (-sim, index).
-    idx, order = torch.sort(idx, dim=1)  # (c, k)
-    vals = vals.gather(1, order)
-    order = torch.sort(-vals, dim=1, stable=True).indices  # (c, k)
-    vals, idx = vals.gather(1, order), idx.gather(1, order)
-
-    if len(straddle) > 0:
-        # Recompute those rows with a full stable sort: ascending -sim keeps equal values in ascending index order.
-        sub = sims[straddle]  # (s, N)
-        order = torch.sort(-sub, dim=1, stable=True).indices[:, :k]  # (s, k)
-        vals[straddle] = sub.gather(1, order)
-        idx[straddle] = order
-    return vals, idx
-
-
-def knn(
-    queries: torch.Tensor | np.ndarray,
-    gallery: torch.Tensor | np.ndarray,
-    k: int,
-    *,
-    exclude_self: bool = False,
-    chunk_size: int | None = None,
-    device: str | torch.device | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product k-NN with the documented tie rule (descending similarity, then ascending index).
-
-    ``queries`` (Q, D), ``gallery`` (N, D); no normalisation is applied here. Returns ``(similarities, indices)``,
-    (Q, k) float32 and (Q, k) int64, best first. ``exclude_self=True`` requires the queries to be gallery-aligned
-    (query i *is* gallery item i, so Q == N) and removes index i from query i's results; duplicates of item i are
-    kept. Requires ``1 <= k <= N`` (``N - 1`` with ``exclude_self``). Work is chunked over queries, so memory is
-    O(chunk_size * N) (default chunk: ~256 MiB of float32), never N x N. ``device`` (default CPU) runs the matmul.
-
-    >>> g = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # items 0 and 2 are identical
-    >>> sims, idx = knn(np.array([[1.0, 0.0]]), g, k=2)
-    >>> idx.tolist(), sims.tolist()  # the tie between 0 and 2 goes to the lower index first
-    ([[0, 2]], [[1.0, 1.0]])
-    >>> knn(g, g, k=1, exclude_self=True)[1].ravel().tolist()  # 0 and 2 find each other; 1 ties 0 and 2 at 0.0
-    [2, 0, 0]
-    """
-    q = _as_float_matrix(queries, "queries")
-    g = _as_float_matrix(gallery, "gallery")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"dimension mismatch: queries have D={q.shape[1]}, gallery has D={g.shape[1]}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    n = g.shape[0]
-    if exclude_self and q.shape[0] != n:
-        raise ValueError(
-            f"exclude_self=True needs gallery-aligned queries (query i is gallery item i), "
-            f"got {q.shape[0]} queries for a gallery of {n}"
-        )
-    available = n - 1 if exclude_self else n
-    if k > available:
-        raise ValueError(f"k={k} but only {available} gallery items are available per query")
-
-    dev = _resolve_device(device)
-    chunk = _resolve_chunk_size(chunk_size, n)
-    g = g.to(dev)
-    buffer = torch.empty((min(chunk, q.shape[0]), n), dtype=torch.float32, device=dev)  # (chunk, N), reused
-    sims_out = np.empty((q.shape[0], k), dtype=np.float32)  # (Q, k)
-    idx_out = np.empty((q.shape[0], k), dtype=np.int64)  # (Q, k)
-    with torch.inference_mode():
-        for start in range(0, q.shape[0], chunk):
-            stop = min(start + chunk, q.shape[0])
-            self_index = torch.arange(start, stop, device=dev) if exclude_self else None
-            vals, idx = _topk_chunk(q[start:stop].to(dev), g, int(k), self_index, out=buffer)
-            sims_out[start:stop] = vals.cpu().numpy()
-            idx_out[start:stop] = idx.cpu().numpy()
-    return sims_out, idx_out
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Leave-one-out evaluation
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -367,6 +233,7 @@ def retrieval_metrics(
     device: str | torch.device | None = None,
     progress: bool = False,
     query_subset: Sequence[int] | np.ndarray | None = None,
+    method: str = "auto",
 ) -> dict[str, float]:
     """Leave-one-out Recall@K and MAP@R over one labelled embedding set (definitions in the module docstring).
 
@@ -380,9 +247,12 @@ def retrieval_metrics(
     row), so the metrics are the means over the subset's queries: a sample estimate of the full figures at a
     fraction of the cost (work is linear in the number of queries). Singletons in it are not queries, as always.
 
+    ``method`` (module docstring, "Two paths"): "symmetric" (every item a query, CPU; ``chunk_size`` and ``progress``
+    do not apply), "chunked", or "auto" (default): symmetric when it applies and its heaps fit, else chunked.
+
     Returns ``{"recall@K": ... for K in ks, "map@r": ..., "n_queries": int, "n_items": N}``.
     """
-    x = _as_float_matrix(embeddings, "embeddings")  # (N, D)
+    x = as_float_matrix(embeddings, "embeddings")  # (N, D)
     codes = _factorize_labels(labels)  # (N,)
     n = x.shape[0]
     if len(codes) != n:
@@ -393,7 +263,7 @@ def retrieval_metrics(
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # (N, 1)
         bad = (norms[:, 0] == 0) | ~torch.isfinite(norms[:, 0])
         if bool(bad.any()):
-            rows = _rows_message(bad.cpu().numpy())
+            rows = rows_message(bad.cpu().numpy())
             raise ValueError(f"cannot L2-normalise embeddings with zero/overflowing norm at rows {rows}")
         x = x / norms
 
@@ -413,9 +283,43 @@ def retrieval_metrics(
             "has a relevant neighbour to retrieve"
         )
 
-    dev = _resolve_device(device)
-    chunk = _resolve_chunk_size(chunk_size, n)
-    x = x.to(dev)
+    dev = resolve_device(device)
+    max_k = max(ks)
+    # One k for every row on the symmetric path (the chunked one picks k per chunk; both give each query the same
+    # ranked prefix, so the same hits and AP@R): enough for every K and every R, never more than exist.
+    k_all = int(min(max(max_k, int(n_relevant[query_ids].max())), n - 1))
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "auto":
+        symmetric = query_subset is None and dev.type == "cpu" and faiss_available() and n * k_all * 12 <= _HEAP_BYTES
+        method = "symmetric" if symmetric else "chunked"
+    if method == "symmetric":
+        if query_subset is not None or dev.type != "cpu":
+            raise ValueError("method='symmetric' scores every item on the CPU: no query_subset, no CUDA device")
+        hits, ap = _symmetric_scores(x.cpu().numpy(), codes, n_relevant, query_ids, k_all, ks)
+    else:
+        hits, ap = _chunked_scores(x.to(dev), codes, n_relevant, query_ids, ks, chunk_size, progress)
+
+    out: dict[str, float] = {f"recall@{k}": float(hits[:, j].mean()) for j, k in enumerate(ks)}
+    out["map@r"] = float(ap.mean())
+    out["n_queries"] = int(len(query_ids))
+    out["n_items"] = int(n)
+    return out
+
+
+def _chunked_scores(
+    x: torch.Tensor,
+    codes: np.ndarray,
+    n_relevant: np.ndarray,
+    query_ids: np.ndarray,
+    ks: list[int],
+    chunk_size: int | None,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query hits (Q, len(ks)) and AP@R (Q,): chunks of queries against all of ``x`` (N, D), on its device."""
+    n = len(x)
+    dev = x.device
+    chunk = resolve_chunk_size(chunk_size, n)
     buffer = torch.empty((min(chunk, len(query_ids)), n), dtype=torch.float32, device=dev)  # (chunk, N), reused
     max_k = max(ks)
     # Per-query results, filled chunk by chunk; the final means do not depend on the chunking.
@@ -432,14 +336,29 @@ def retrieval_metrics(
             # Enough neighbours for every K and for MAP@R's R of every query in the chunk, but never more than exist.
             k = int(min(max(max_k, r.max()), n - 1))
             qid_t = torch.from_numpy(qid).to(dev)
-            _, nbr = _topk_chunk(x[qid_t], x, k, self_index=qid_t, out=buffer)  # (c, k)
+            _, nbr = topk_chunk(x[qid_t], x, k, self_index=qid_t, out=buffer)  # (c, k)
             relevant = codes[nbr.cpu().numpy()] == codes[qid][:, None]  # (c, k) bool
             stop = start + len(qid)
             hits[start:stop] = _hits(relevant, ks)  # K > k means "all N - 1 items", which is what k holds then
             ap[start:stop] = average_precision_at_r(relevant, r)
+    return hits, ap
 
-    out: dict[str, float] = {f"recall@{k}": float(hits[:, j].mean()) for j, k in enumerate(ks)}
-    out["map@r"] = float(ap.mean())
-    out["n_queries"] = int(len(query_ids))
-    out["n_items"] = int(n)
-    return out
+
+def _symmetric_scores(
+    x: np.ndarray,
+    codes: np.ndarray,
+    n_relevant: np.ndarray,
+    query_ids: np.ndarray,
+    k: int,
+    ks: list[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query hits (Q, len(ks)) and AP@R (Q,) from one :func:`self_topk` pass over ``x`` (N, D), self excluded."""
+    nbr = self_topk(x, k, exclude_self=True, device="cpu", block_size=_SYMMETRIC_BLOCK).idx  # (N, k) each top k
+    hits = np.empty((len(query_ids), len(ks)), dtype=bool)  # (Q, len(ks))
+    ap = np.empty(len(query_ids), dtype=np.float64)  # (Q,)
+    for start in range(0, len(query_ids), _SCORE_ROWS):  # bounded temporaries: (rows, k) per step
+        qid = query_ids[start : start + _SCORE_ROWS]  # (c,)
+        relevant = codes[nbr[qid]] == codes[qid][:, None]  # (c, k) bool
+        hits[start : start + len(qid)] = _hits(relevant, ks)  # K > k means "all N - 1 items", as k holds then
+        ap[start : start + len(qid)] = average_precision_at_r(relevant, n_relevant[qid])
+    return hits, ap

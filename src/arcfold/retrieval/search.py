@@ -9,7 +9,7 @@ Similarity
 
 Index kinds (``INDEX_KINDS``)
     ``"exact"``
-        Brute force: faiss ``IndexFlatIP`` or :func:`arcfold.retrieval.metrics.knn` (torch matmul).
+        Brute force: faiss ``IndexFlatIP`` or :func:`arcfold.retrieval.exact_knn.knn` (torch matmul).
     ``"ivf"``
         faiss ``IndexIVFFlat`` with an inner-product coarse quantizer. ``nlist`` defaults to ``4 * sqrt(N)``, lowered
         so that every list gets at least 39 training points (faiss's k-means warns below that), and at least 1. It is
@@ -41,7 +41,7 @@ Backends and devices
 
 Ranking and ties
     Each row is sorted by descending similarity, then ascending gallery index. The torch backend follows
-    :func:`arcfold.retrieval.metrics.knn` exactly, including which of several tied items make the top k. Faiss returns
+    :func:`arcfold.retrieval.exact_knn.knn` exactly, including which of several tied items make the top k. Faiss returns
     the right neighbours on data without ties; its rows are re-sorted by the same rule, but at a tie straddling the k-th
     position faiss may keep a higher index than the rule wants (exact ties need duplicate or integer-valued vectors).
 
@@ -54,7 +54,7 @@ Missing results (-1 ids)
     The queries are gallery-aligned (Q == N, query i *is* gallery item i). Each query gets k neighbours other than
     index i: k + 1 are searched and i is dropped; when i is not among them (duplicates of i tie with it and have lower
     indices, or an approximate index missed it) the last one is dropped. Duplicates of i are kept, as in
-    :func:`arcfold.retrieval.metrics.knn`.
+    :func:`arcfold.retrieval.exact_knn.knn`.
 
 Memory
     Queries are searched in chunks of ``chunk_size`` rows (faiss default 16384: the (chunk, k) results plus faiss's
@@ -74,6 +74,7 @@ import torch
 from tqdm.auto import tqdm
 
 from arcfold.logs import quiet_loaders
+from arcfold.retrieval.exact_knn import knn
 from arcfold.retrieval.index_tuning import (
     DEFAULT_EF_SEARCH,
     KNOBS,
@@ -86,7 +87,6 @@ from arcfold.retrieval.index_tuning import (
     hnsw_params,
     set_knob,
 )
-from arcfold.retrieval.metrics import knn
 
 log = logging.getLogger(__name__)
 quiet_loaders()  # before faiss is first imported (below, where it is used): its loader's INFO lines are noise

@@ -24,22 +24,27 @@ Ranking and ties
     beats the heap's smallest kept value strictly, so a later equal value never displaces an earlier one. faiss's
     heaps break ties between kept values towards the larger id; ids are stored reversed (``n - 1 - i``), so the
     value evicted among equals is the one of larger index. Similarities are float32 GEMM values like those of
-    ``search``'s torch backend, but a (block, block) tile may use another BLAS kernel than a (chunk, n) one, so a
-    value can differ in the last bit (~1e-7) and two items within that of each other may swap. Tests: identical to
-    ``search`` on random data, and to a brute-force reference on integer vectors with many exact ties.
+    ``search``'s torch backend and :func:`arcfold.retrieval.exact_knn.knn`. A BLAS may take another kernel (another
+    summation order, so another last bit) for a thin product: MKL here does for fewer than 4 rows or 12 columns, and
+    then exact duplicates stop tying. So every GEMM has the same (block, block) shape: an edge tile (the last, partial
+    block of rows or columns) is computed as the full block ending at the set's end (overlapping the previous one)
+    and cut out. Each value then comes from the kernel that the chunked ``knn`` uses for its (chunk, n) blocks, and
+    the results are the same bit for bit (tested on data with duplicates, for block sizes that do not divide n;
+    a different BLAS could still differ in the last bit, moving only items within ~1e-7 of each other). Tests:
+    identical to ``search`` on random data, and to a brute-force reference on integer vectors with many exact ties.
 
 ``exclude_self``
     Row i's own similarity is set to -inf before selection (after the row minimum is taken), as in
-    :func:`arcfold.retrieval.metrics.knn`: duplicates of i are kept.
+    :func:`arcfold.retrieval.exact_knn.knn`: duplicates of i are kept.
 
 Fallback
-    Without faiss, or on CUDA (``device="auto"`` with a GPU, or ``"cuda"``): :func:`arcfold.retrieval.metrics.knn`
+    Without faiss, or on CUDA (``device="auto"`` with a GPU, or ``"cuda"``): :func:`arcfold.retrieval.exact_knn.knn`
     (the square) and, for the row minima, a second k=1 pass over the negated vectors; same results, twice the work.
 
 Memory
-    The heaps, (n, k) float32 + int64, plus four (block, block) buffers (float32 tile, its transpose, two bool
-    masks); never n x n. Hand-written because no library offers a self-join top-k that uses the symmetry: ``faiss.knn``
-    computes the full square and has no row minimum.
+    The heaps, (n, k) float32 + int64, plus five (block, block) buffers (float32 tile, edge GEMM, transpose, two
+    bool masks); never n x n. Hand-written because no library offers a self-join top-k that uses the symmetry:
+    ``faiss.knn`` computes the full square and has no row minimum.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import numpy as np
 import torch
 
 from arcfold.retrieval.checks import check_int
-from arcfold.retrieval.metrics import knn
+from arcfold.retrieval.exact_knn import knn
 from arcfold.retrieval.search import DEVICES, as_matrix, faiss_available
 
 __all__ = ["SelfTopK", "self_topk"]
@@ -134,6 +139,19 @@ def _heap_topk(
     side = min(block, n)
     tile_buf = torch.empty(side * side, dtype=torch.float32)  # flat buffers: every (r, c) view is contiguous
     tran_buf = torch.empty(side * side, dtype=torch.float32)
+    edge_buf = torch.empty((side, side), dtype=torch.float32)  # a full-shape GEMM around an edge tile
+
+    def gemm(i0: int, j0: int) -> torch.Tensor:
+        """Tile (I, J) as a contiguous (r, c) view of ``tile_buf``, from a GEMM of the full (side, side) shape."""
+        i1, j1 = min(i0 + block, n), min(j0 + block, n)
+        tile = tile_buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+        if i1 - i0 == side and j1 - j0 == side:
+            return torch.matmul(xt[i0:i1], xt[j0:j1].T, out=tile)
+        # An edge tile: the side-long blocks ending at i1 and j1 (they overlap the previous ones), then the cut-out.
+        a0, b0 = i1 - side, j1 - side
+        torch.matmul(xt[a0:i1], xt[b0:j1].T, out=edge_buf)
+        return tile.copy_(edge_buf[i0 - a0 :, j0 - b0 :])
+
     mask_bufs = {False: np.empty(side * side, dtype=bool), True: np.empty(side * side, dtype=bool)}  # rows, columns
 
     def push(tile: torch.Tensor, i0: int, j0: int, columns: bool) -> None:
@@ -167,10 +185,8 @@ def _heap_topk(
     try:
         with torch.inference_mode():
             for i0 in range(0, n, block):
-                xi = xt[i0 : i0 + block]  # (r, D)
                 for j0 in range(i0, n, block):
-                    xj = xt[j0 : j0 + block]  # (c, D)
-                    tile = torch.matmul(xi, xj.T, out=tile_buf[: len(xi) * len(xj)].view(len(xi), len(xj)))
+                    tile = gemm(i0, j0)  # (r, c)
                     if j0 == i0:
                         push(tile, i0, j0, columns=False)  # a diagonal tile holds both orders of each pair
                     elif helper is None:
