@@ -15,6 +15,8 @@ Memory
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -130,6 +132,24 @@ def topk_chunk(
     return vals, idx
 
 
+def check_knn_request(q_shape: tuple[int, ...], g_shape: tuple[int, ...], k: Any, exclude_self: bool) -> int:
+    """``k`` as an int after checking a (Q, D) x (N, D) k-NN request (shared by :func:`knn` and ``search.search``)."""
+    if q_shape[1] != g_shape[1]:
+        raise ValueError(f"dimension mismatch: queries have D={q_shape[1]}, gallery has D={g_shape[1]}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    n = g_shape[0]
+    if exclude_self and q_shape[0] != n:
+        raise ValueError(
+            f"exclude_self=True needs gallery-aligned queries (query i is gallery item i), "
+            f"got {q_shape[0]} queries for a gallery of {n}"
+        )
+    available = n - 1 if exclude_self else n
+    if k > available:
+        raise ValueError(f"k={k} but only {available} gallery items are available per query")
+    return int(k)
+
+
 def knn(
     queries: torch.Tensor | np.ndarray,
     gallery: torch.Tensor | np.ndarray,
@@ -156,19 +176,8 @@ def knn(
     """
     q = as_float_matrix(queries, "queries")
     g = as_float_matrix(gallery, "gallery")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"dimension mismatch: queries have D={q.shape[1]}, gallery has D={g.shape[1]}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_knn_request(q.shape, g.shape, k, exclude_self)
     n = g.shape[0]
-    if exclude_self and q.shape[0] != n:
-        raise ValueError(
-            f"exclude_self=True needs gallery-aligned queries (query i is gallery item i), "
-            f"got {q.shape[0]} queries for a gallery of {n}"
-        )
-    available = n - 1 if exclude_self else n
-    if k > available:
-        raise ValueError(f"k={k} but only {available} gallery items are available per query")
 
     dev = resolve_device(device)
     chunk = resolve_chunk_size(chunk_size, n)

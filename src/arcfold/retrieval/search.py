@@ -74,7 +74,7 @@ import torch
 from tqdm.auto import tqdm
 
 from arcfold.logs import quiet_loaders
-from arcfold.retrieval.exact_knn import knn
+from arcfold.retrieval.exact_knn import check_knn_request, knn
 from arcfold.retrieval.index_tuning import (
     DEFAULT_EF_SEARCH,
     KNOBS,
@@ -417,18 +417,8 @@ def search(
     """
     q = as_matrix(queries, "queries")  # (Q, D)
     g = as_matrix(gallery, "gallery")  # (N, D)
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"dimension mismatch: queries have D={q.shape[1]}, gallery has D={g.shape[1]}")
-    k = _check_positive_int(k, "k")
+    k = check_knn_request(q.shape, g.shape, k, exclude_self)
     n_queries, n = len(q), len(g)
-    if exclude_self and n_queries != n:
-        raise ValueError(
-            f"exclude_self=True needs gallery-aligned queries (query i is gallery item i), "
-            f"got {n_queries} queries for a gallery of {n}"
-        )
-    available = n - 1 if exclude_self else n
-    if k > available:
-        raise ValueError(f"k={k} but only {available} gallery items are available per query")
     backend, index = _resolve_backend(backend, index)
     k_search = k + 1 if exclude_self else k
 
