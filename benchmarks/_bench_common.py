@@ -12,6 +12,7 @@ inflated, and ratios favour whichever side uses fewer threads).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -71,6 +72,17 @@ def cuda_available(what: str) -> bool:
         return True
     print(f"[{what}] skipping CUDA rows: {NO_GPU}", flush=True)
     return False
+
+
+def parse_or_work(parser: argparse.ArgumentParser, worker: Any) -> argparse.Namespace | None:
+    """Parse a benchmark's arguments, or (``--worker JSON``, how :func:`run_worker` starts a fresh process) run
+    ``worker`` on them, print its JSON result and return None."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return None
+    return args
 
 
 def run_worker(script: str, args: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from _bench_common import (  # noqa: E402
     clustered_embeddings,
     machine,
     machine_line,
+    parse_or_work,
     peak_rss_mib,
     run_worker,
     write_results,
@@ -78,10 +79,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds per size")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
     p.add_argument("--keep-previous", action="store_true", help="keep other sizes' rows from an earlier run")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.worker:
-        print(json.dumps(worker(json.loads(a.worker))))
+    a = parse_or_work(p, worker)
+    if a is None:
         return
 
     impls = a.impls.split(",")

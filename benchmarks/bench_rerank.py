@@ -45,6 +45,7 @@ from _bench_common import (  # noqa: E402
     cuda_available,
     machine,
     machine_line,
+    parse_or_work,
     peak_rss_mib,
     run_worker,
     write_results,
@@ -145,10 +146,8 @@ def main() -> None:
     p.add_argument("--steps", default=",".join(STEPS), help="post-processors to run at --sizes (comma-separated)")
     p.add_argument("--keep-previous", action="store_true", help="keep other cells' rows from the last results")
     p.add_argument("--kr-baseline", default="", help="also time k_reciprocal of this git commit, same sizes")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.worker:
-        print(json.dumps(worker(json.loads(a.worker))))
+    a = parse_or_work(p, worker)
+    if a is None:
         return
 
     cuda_available(NAME)
