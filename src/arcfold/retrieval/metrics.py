@@ -337,10 +337,8 @@ def _chunked_scores(
             k = int(min(max(max_k, r.max()), n - 1))
             qid_t = torch.from_numpy(qid).to(dev)
             _, nbr = topk_chunk(x[qid_t], x, k, self_index=qid_t, out=buffer)  # (c, k)
-            relevant = codes[nbr.cpu().numpy()] == codes[qid][:, None]  # (c, k) bool
             stop = start + len(qid)
-            hits[start:stop] = _hits(relevant, ks)  # K > k means "all N - 1 items", which is what k holds then
-            ap[start:stop] = average_precision_at_r(relevant, r)
+            hits[start:stop], ap[start:stop] = _query_scores(nbr.cpu().numpy(), qid, codes, r, ks)
     return hits, ap
 
 
@@ -358,7 +356,18 @@ def _symmetric_scores(
     ap = np.empty(len(query_ids), dtype=np.float64)  # (Q,)
     for start in range(0, len(query_ids), _SCORE_ROWS):  # bounded temporaries: (rows, k) per step
         qid = query_ids[start : start + _SCORE_ROWS]  # (c,)
-        relevant = codes[nbr[qid]] == codes[qid][:, None]  # (c, k) bool
-        hits[start : start + len(qid)] = _hits(relevant, ks)  # K > k means "all N - 1 items", as k holds then
-        ap[start : start + len(qid)] = average_precision_at_r(relevant, n_relevant[qid])
+        hits[start : start + len(qid)], ap[start : start + len(qid)] = _query_scores(
+            nbr[qid], qid, codes, n_relevant[qid], ks
+        )
     return hits, ap
+
+
+def _query_scores(
+    nbr: np.ndarray, qid: np.ndarray, codes: np.ndarray, r: np.ndarray, ks: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hits (c, len(ks)) and AP@R (c,) of queries ``qid`` (c,) from their ranked neighbours ``nbr`` (c, k) and R ``r``.
+
+    K > k means "all N - 1 items", which is what ``k`` holds then.
+    """
+    relevant = codes[nbr] == codes[qid][:, None]  # (c, k) bool
+    return _hits(relevant, ks), average_precision_at_r(relevant, r)
