@@ -6,8 +6,12 @@ at the end (``peak_mib``); ``extra_mib = peak_mib - base_mib`` is what the measu
 
 Load: the 1-minute load average is taken when a benchmark starts (this module's import) and when it writes its
 results; :func:`write_results` stores both in the JSON and prints them under the benchmark's section of
-BENCHMARKS.md, and marks the run **busy** when either exceeds the core count (other jobs held the cores: timings are
-inflated, and ratios favour whichever side uses fewer threads).
+BENCHMARKS.md, and marks the run **busy** when other jobs held the cores (timings are inflated, and ratios favour
+whichever side uses fewer threads). Where ``/proc/stat`` exists that is measured, not guessed from the load: the
+CPU-seconds the whole machine spent busy (steal included) during the run, less those of the benchmark's own process
+and its finished workers, per second of the run, is the cores other processes used; above ``OTHER_CORES_BUSY`` the
+run is busy. A benchmark that keeps 2 cores busy itself has a load of ~2 on 2 cores and is still quiet. Without
+``/proc/stat``: busy when the load at either end exceeds the core count.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,29 @@ RESULTS = Path("benchmarks/results")
 BENCHMARKS_MD = Path("BENCHMARKS.md")
 NO_GPU = "no GPU on this machine (torch.cuda.is_available() is False): CUDA rows skipped"
 LOAD_AT_START = os.getloadavg()  # (1, 5, 15 min) when the benchmark script started (imported this module)
+OTHER_CORES_BUSY = 0.5  # cores used by other processes on average during a run above which the run is busy
+
+
+def cpu_counters() -> tuple[float, float, float] | None:
+    """(machine busy CPU-seconds, steal included; this process's CPU-seconds and its waited-for workers'; a clock in
+    seconds), or None where ``/proc/stat`` is missing."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]  # cpu user nice system idle iowait ...
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # everything but idle and iowait (guest time is inside user already)
+    if len(ticks) > 8:
+        busy -= sum(ticks[8:10])  # guest, guest_nice: counted in user/nice too
+    own = os.times()
+    return (
+        busy / os.sysconf("SC_CLK_TCK"),
+        own.user + own.system + own.children_user + own.children_system,
+        time.monotonic(),
+    )
+
+
+CPU_AT_START = cpu_counters()
 
 
 def peak_rss_mib() -> float:
@@ -104,17 +132,26 @@ def machine_line(m: dict[str, Any]) -> str:
     )
 
 
+def other_cores(start: tuple[float, float, float] | None, end: tuple[float, float, float] | None) -> float | None:
+    """Cores that processes other than this one (and its workers) used on average between two :func:`cpu_counters`."""
+    if start is None or end is None or end[2] <= start[2]:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
+
+
 def load_record(start: tuple[float, ...] | None = None, end: tuple[float, ...] | None = None) -> dict[str, Any]:
-    """The load averages of a run (start: :data:`LOAD_AT_START`, end: now), the core count, and whether the
-    machine was busy: a 1-minute load above the core count at either end."""
+    """The load averages of a run (start: :data:`LOAD_AT_START`, end: now), the core count, the cores other
+    processes used during it (None without ``/proc/stat``), and whether the machine was busy (module docstring)."""
     start = LOAD_AT_START if start is None else start
     end = os.getloadavg() if end is None else end
     cores = os.cpu_count() or 1
+    others = other_cores(CPU_AT_START, cpu_counters())
     return {
         "loadavg_start": [round(x, 2) for x in start],
         "loadavg_end": [round(x, 2) for x in end],
         "cores": cores,
-        "busy": max(start[0], end[0]) > cores,
+        "other_cores": None if others is None else round(others, 2),
+        "busy": max(start[0], end[0]) > cores if others is None else others > OTHER_CORES_BUSY,
     }
 
 
@@ -124,9 +161,11 @@ def load_line(load: dict[str, Any]) -> str:
         f"Load average (1, 5, 15 min) at the start {load['loadavg_start']}, at the end {load['loadavg_end']}, "
         f"on {load['cores']} cores."
     )
+    if load.get("other_cores") is not None:
+        line += f" Other processes used {load['other_cores']:.2f} cores on average during the run (`/proc/stat`)."
     if load["busy"]:
         line += (
-            " **Busy machine**: the load exceeded the core count, so other jobs held the cores; timings are inflated"
+            " **Busy machine**: other jobs held the cores; timings are inflated"
             " and ratios favour whichever side uses fewer threads. Re-run on a quiet machine before quoting them."
         )
     return line

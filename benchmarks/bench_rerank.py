@@ -11,6 +11,11 @@ Each post-processor runs at its defaults with the default (exact faiss) search:
   ``(Q+N)``-item k-NN graph and row-max pass, ``self_topk``).
 * ``vote``: ``vote_labels(idx, sims, gallery_labels)`` (mode="max", top=5).
 
+Where k-reciprocal's time goes (``--steps kr,kr_knn,kr_gemm``): ``kr_knn`` is its k-NN pass alone
+(``self_topk(U, k1 + 1, row_min=True)`` on the union U of queries and gallery), ``kr_gemm`` the similarity work of that
+pass alone: the same (1024, 1024) tiles of the upper triangle of ``U U^T``, torch matmul and nothing else (the floor of
+any exact pass that computes each pair once in float32).
+
 Every measurement is a fresh subprocess; peak = ``ru_maxrss``, ``extra`` = peak minus the peak after the inputs and
 the first stage were built. k-reciprocal is also measured at intermediate sizes to show that its memory grows
 linearly with |U|·(k1+1) (|U| = Q + N), never as |U|^2. Run from the project root::
@@ -56,6 +61,25 @@ D = 128
 K_FIRST = 50
 K1 = 20
 STEPS = ("qe", "dba", "kr", "vote")
+PARTS = ("kr_knn", "kr_gemm")  # k-reciprocal's k-NN pass and its GEMM alone (module docstring)
+BLOCK = 1024  # self_topk's tile side
+
+
+def gemm_floor(x: Any, block: int = BLOCK) -> int:
+    """The upper-triangle (block, block) tile GEMMs of ``x @ x.T`` that ``self_topk`` computes, alone; their FLOPs."""
+    import torch
+
+    xt = torch.from_numpy(x)  # (n, D)
+    n, d = xt.shape
+    side = min(block, n)
+    out = torch.empty((side, side), dtype=torch.float32)
+    starts = [min(s, n - side) for s in range(0, n, block)]  # edge tiles as full blocks ending at n, as self_topk
+    with torch.inference_mode():
+        for a, i0 in enumerate(starts):
+            for j0 in starts[a:]:
+                torch.matmul(xt[i0 : i0 + side], xt[j0 : j0 + side].T, out=out)
+    tiles = len(starts) * (len(starts) + 1) // 2
+    return 2 * d * side * side * tiles
 
 
 def worker(args: dict) -> dict:
@@ -63,6 +87,7 @@ def worker(args: dict) -> dict:
 
     from arcfold.retrieval.postprocess import database_augmentation, k_reciprocal, query_expansion
     from arcfold.retrieval.search import faiss_available, search
+    from arcfold.retrieval.self_knn import self_topk
     from arcfold.retrieval.voting import vote_labels
 
     n, step = args["n"], args["step"]
@@ -83,9 +108,15 @@ def worker(args: dict) -> dict:
         return dict(args)
     if faiss_available():
         import faiss  # noqa: F401  (loaded before the clock: k_reciprocal's k-NN pass uses its heaps)
+    union = np.concatenate([q, g]) if step in PARTS else None  # (Q + N, D): k-reciprocal's U
+    flops = 0
     base = peak_rss_mib()
     t0 = time.perf_counter()
-    if step == "qe":
+    if step == "kr_knn":
+        self_topk(union, K1 + 1, row_min=True)
+    elif step == "kr_gemm":
+        flops = gemm_floor(union)
+    elif step == "qe":
         query_expansion(q, g, **kw)
     elif step == "dba":
         database_augmentation(g, **kw)
@@ -96,6 +127,8 @@ def worker(args: dict) -> dict:
     seconds = time.perf_counter() - t0
     peak = peak_rss_mib()
     out = {**args, "seconds": seconds, "base_mib": base, "peak_mib": peak, "extra_mib": peak - base}
+    if flops:
+        out["gflops_per_s"] = flops / seconds / 1e9
     if step == "kr" or step.startswith("kr@"):  # kept for the comparison of the two k-reciprocal cells
         np.savez(Path(tempfile.gettempdir()) / f"arcfold_bench_rerank_{step}_{n}.npz", sims=new_sims, idx=new_idx)
     return out
@@ -185,7 +218,7 @@ def main() -> None:
     if a.keep_previous and previous.exists():
         done = {(r["n"], r["step"]) for r in rows}
         rows = [r for r in json.loads(previous.read_text())["rows"] if (r["n"], r["step"]) not in done] + rows
-        sizes = sorted({*sizes, *(r["n"] for r in rows if r["step"] != "kr")})
+        sizes = sorted({*sizes, *(r["n"] for r in rows if r["step"] in STEPS and r["step"] != "kr")})
     kr = [r for r in rows if r["step"] == "kr" and "error" not in r]
     for r in kr:
         r["union_items"] = 2 * r["n"]
@@ -218,7 +251,7 @@ def markdown(rows: list[dict], sizes: list[int], m: dict, a: argparse.Namespace)
         "| N | " + " | ".join(f"{s} s | {s} extra MiB" for s in STEPS) + " |",
         "|---|" + "---|---|" * len(STEPS),
     ]
-    for n in sizes:
+    for n in [n for n in sizes if any((n, s) in by for s in STEPS)]:
         cells = []
         for s in STEPS:
             r = by.get((n, s), {"error": "not run"})
@@ -236,6 +269,21 @@ def markdown(rows: list[dict], sizes: list[int], m: dict, a: argparse.Namespace)
             f"| {r['n']} | {r['union_items']} | {r['seconds']:.1f} | {r['extra_mib']:.0f} | "
             f"{r['extra_bytes_per_union_item_k1']:.0f} | {r['dense_union_matrix_mib']:.0f} |"
         )
+    parts = sorted({r["n"] for r in rows if r["step"] in PARTS and "error" not in r})
+    if parts:
+        lines += [
+            "",
+            "Where k-reciprocal's time goes (`--steps kr,kr_knn,kr_gemm`, same run): its k-NN pass alone, and the",
+            "GEMM of that pass alone (the same tiles, nothing else: the floor of an exact float32 pass over each pair",
+            "once):",
+            "",
+            "| N | \\|U\\| | kr s | k-NN pass s | its GEMM s (GFLOP/s) | set algebra, Jaccard s (kr - k-NN pass) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n in parts:
+            kr_s, knn_s, gemm = (by.get((n, s), {}).get("seconds", float("nan")) for s in ("kr", "kr_knn", "kr_gemm"))
+            rate = by.get((n, "kr_gemm"), {}).get("gflops_per_s", float("nan"))
+            lines.append(f"| {n} | {2 * n} | {kr_s:.1f} | {knn_s:.1f} | {gemm:.1f} ({rate:.0f}) | {kr_s - knn_s:.1f} |")
     baselines = sorted((r for r in rows if r["step"].startswith("kr@")), key=lambda r: (r["step"], r["n"]))
     if baselines:
         lines += [

@@ -14,8 +14,8 @@ too.
 Rows (``--rows``, each through the real command lines, so a row is exactly what a user gets):
 
 - ``arcfold``: ``bash train_fold.sh 0..2 CONFIG`` then ``python -m arcfold test``;
-- ``ema``, ``previous``: the same with the overrides in ``VARIANTS`` (``previous``: the defaults before the
-  study's round 3, pinned);
+- ``ema``, ``previous``, ``subcenter``, ``batch16``: the same with the overrides in ``VARIANTS`` (``previous``: the
+  defaults before the study's round 3, pinned; ``subcenter``, ``batch16``: round 4's candidates, not adopted);
 - ``two_stage``: ``STAGE1_EPOCHS`` epochs at 64 px, then ``model.init_from=models/<stage 1>/fold{fold}.pt`` at 96 px
   for the remaining epochs (same number of images seen as the 10-epoch rows);
 - ``full``: ``bash train_fold.sh full CONFIG`` (one model on all 3 folds' rows, never the test split) for the
@@ -66,6 +66,9 @@ REFERENCE_BATCH = 64  # issue 16's recipe (arcfold's Omniglot default is 32: a d
 VARIANTS = {  # row -> overrides on top of the config (one key per row: the row measures that key)
     "arcfold": [],
     "ema": ["train.ema_decay=0.999"],  # with ModelEmaV3's warm-up: ~0.98 by the end of a 400-step run
+    # study round 4 (omniglot_defaults_study.md): the two largest gains on fold 0, measured on every fold
+    "subcenter": ["head.name=subcenter_arcface", "head.subcenters=3"],  # 3 class centres per class
+    "batch16": ["train.batch_size=16"],  # twice batch 32's steps for the same images
     # the defaults before the study's round 3 (omniglot_defaults_study.md), pinned: Linear-BN neck, batch 64,
     # warm-up from lr / 100 and cosine to lr / 100
     "previous": [

@@ -154,3 +154,27 @@ def test_self_topk_errors() -> None:
 
 def test_doctests() -> None:
     assert doctest.testmod(arcfold.retrieval.self_knn).failed == 0
+
+
+def test_self_topk_keeps_torch_threads_for_the_gemm(monkeypatch) -> None:
+    # faiss and torch share one OpenMP runtime with a per-thread count: setting faiss to one thread in the calling
+    # thread made every tile's GEMM single-threaded. The GEMM must run with torch's own thread count.
+    pytest.importorskip("faiss")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    matmul = torch.matmul
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", recording)
+    try:
+        x = _clustered(300, 16, seed=3)
+        res = self_topk(x, 5, row_min=True, device="cpu", block_size=64)
+        assert seen and set(seen) == {2}
+        assert torch.get_num_threads() == 2  # and the caller's count is left as it was
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(res.idx, search(x, x, 5, backend="torch", device="cpu")[1])

@@ -13,9 +13,12 @@ Method (CPU, with faiss importable)
     pushed (``addn_query_subset_with_ids``); while most of a tile passes (a row's very first tile), its rows (or
     its transpose's) are pushed whole (``addn_with_ids``). Row minima: numpy ``min`` over each tile's two axes.
     Threads: torch parallelises the GEMM; with more than one torch thread, a tile's two sides (disjoint heaps) are
-    pushed by two Python threads at once (numpy and faiss release the GIL), and faiss's own OpenMP pool is kept to
-    one thread (handing every tile between two OpenMP pools was slower than one thread). On a 2-core machine that
-    other jobs also load, the per-tile synchronisation makes 2 threads slower than 1 (OMP_NUM_THREADS=1 then).
+    pushed by two worker threads at once (numpy and faiss release the GIL), each running faiss at one OpenMP thread
+    (handing every tile between two OpenMP pools was slower). faiss and torch share one OpenMP runtime whose thread
+    count is set per calling thread, so that setting is made in the workers only: made in the calling thread, as
+    before, it ran torch's GEMM on one thread too (k-reciprocal's pass at 100k: 101 s, then 2x less GEMM speed than
+    the GEMM alone). On a 2-core machine that other jobs also load, the per-tile synchronisation can make 2 threads
+    slower than 1 (OMP_NUM_THREADS=1 then).
 
 Ranking and ties
     The rule of :func:`arcfold.retrieval.search.search`: descending similarity, then ascending index, including which
@@ -156,6 +159,10 @@ def _heap_topk(
 
     def push(tile: torch.Tensor, i0: int, j0: int, columns: bool) -> None:
         """Push a tile into the heaps of its rows (I; ids j0..j0+c-1) or of its columns (J; ids i0..i0+r-1)."""
+        with torch.inference_mode():  # a worker thread: the tile is an inference tensor (fill_diagonal_ below)
+            _push(tile, i0, j0, columns)
+
+    def _push(tile: torch.Tensor, i0: int, j0: int, columns: bool) -> None:
         r, c = tile.shape
         s = tile.numpy()
         heap0, id0, n_heaps, n_ids = (j0, i0, c, r) if columns else (i0, j0, r, c)
@@ -178,27 +185,30 @@ def _heap_topk(
         elif len(flat):
             _push_sparse(heaps, s.ravel()[flat], flat, c, columns, heap0, id0, reversed_index)
 
-    # Threads: module docstring.
+    # Threads: module docstring. faiss and torch share one OpenMP runtime, whose thread count is set per calling
+    # thread: set to 1 in this thread it would make torch's GEMM single-threaded too (it did, halving its speed).
     faiss_threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    helper = ThreadPoolExecutor(max_workers=1) if torch.get_num_threads() > 1 else None
+    if torch.get_num_threads() > 1:  # pushes in two workers at one OpenMP thread each; this thread keeps torch's
+        helper = ThreadPoolExecutor(max_workers=2, initializer=faiss.omp_set_num_threads, initargs=(1,))
+    else:
+        helper = None
+        faiss.omp_set_num_threads(1)
     try:
         with torch.inference_mode():
             for i0 in range(0, n, block):
                 for j0 in range(i0, n, block):
                     tile = gemm(i0, j0)  # (r, c)
-                    if j0 == i0:
-                        push(tile, i0, j0, columns=False)  # a diagonal tile holds both orders of each pair
-                    elif helper is None:
-                        push(tile, i0, j0, columns=False)
-                        push(tile, i0, j0, columns=True)
+                    sides = (False,) if j0 == i0 else (False, True)  # a diagonal tile holds both orders of each pair
+                    if helper is None:
+                        for columns in sides:
+                            push(tile, i0, j0, columns)
                     else:
-                        pushing = helper.submit(push, tile, i0, j0, True)
-                        push(tile, i0, j0, columns=False)
-                        pushing.result()
+                        for pushing in [helper.submit(push, tile, i0, j0, columns) for columns in sides]:
+                            pushing.result()
     finally:
-        faiss.omp_set_num_threads(faiss_threads)
-        if helper is not None:
+        if helper is None:
+            faiss.omp_set_num_threads(faiss_threads)
+        else:
             helper.shutdown()
     heaps.reorder()  # each row sorted: descending value, ties by descending stored id = ascending index
     return vals, n - 1 - rev_ids, mins if row_min else None
