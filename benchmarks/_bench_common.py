@@ -191,6 +191,24 @@ def write_results(name: str, payload: dict[str, Any], section_md: str) -> None:
     BENCHMARKS_MD.write_text(text)
 
 
+def gemm_floor(x: np.ndarray, block: int = 1024) -> int:
+    """The upper-triangle (block, block) tile GEMMs of ``x @ x.T`` that ``arcfold.retrieval.self_knn.self_topk``
+    computes (its tile side is 1024), alone: the floor of its pass. Returns their FLOPs."""
+    import torch
+
+    xt = torch.from_numpy(x)  # (n, D)
+    n, d = xt.shape
+    side = min(block, n)
+    out = torch.empty((side, side), dtype=torch.float32)
+    starts = [min(s, n - side) for s in range(0, n, block)]  # edge tiles as full blocks ending at n, as self_topk
+    with torch.inference_mode():
+        for a, i0 in enumerate(starts):
+            for j0 in starts[a:]:
+                torch.matmul(xt[i0 : i0 + side], xt[j0 : j0 + side].T, out=out)
+    tiles = len(starts) * (len(starts) + 1) // 2
+    return 2 * d * side * side * tiles
+
+
 def clustered_embeddings(n: int, d: int, seed: int = 0, noise: float = 1.6) -> tuple[np.ndarray, np.ndarray]:
     """``n`` L2-normalised float32 (n, d) embeddings in classes of 1..15 members around random unit centres.
 

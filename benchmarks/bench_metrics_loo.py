@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import (  # noqa: E402
     RESULTS,
     clustered_embeddings,
+    gemm_floor,
     machine,
     machine_line,
     parse_or_work,
@@ -54,13 +55,7 @@ def worker(args: dict) -> dict:
     base = peak_rss_mib()
     t0 = time.perf_counter()
     if args["impl"] == "gemm":
-        xt, block = torch.from_numpy(x), 1024
-        tile = torch.empty((block, block))
-        with torch.inference_mode():
-            for i0 in range(0, len(x), block):
-                for j0 in range(i0, len(x), block):
-                    xi, xj = xt[i0 : i0 + block], xt[j0 : j0 + block]
-                    torch.matmul(xi, xj.T, out=tile[: len(xi), : len(xj)])
+        gemm_floor(x)
         out: dict = {}
     else:
         from arcfold.retrieval.metrics import retrieval_metrics

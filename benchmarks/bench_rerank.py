@@ -48,6 +48,7 @@ from _bench_common import (  # noqa: E402
     RESULTS,
     clustered_embeddings,
     cuda_available,
+    gemm_floor,
     machine,
     machine_line,
     parse_or_work,
@@ -62,24 +63,6 @@ K_FIRST = 50
 K1 = 20
 STEPS = ("qe", "dba", "kr", "vote")
 PARTS = ("kr_knn", "kr_gemm")  # k-reciprocal's k-NN pass and its GEMM alone (module docstring)
-BLOCK = 1024  # self_topk's tile side
-
-
-def gemm_floor(x: Any, block: int = BLOCK) -> int:
-    """The upper-triangle (block, block) tile GEMMs of ``x @ x.T`` that ``self_topk`` computes, alone; their FLOPs."""
-    import torch
-
-    xt = torch.from_numpy(x)  # (n, D)
-    n, d = xt.shape
-    side = min(block, n)
-    out = torch.empty((side, side), dtype=torch.float32)
-    starts = [min(s, n - side) for s in range(0, n, block)]  # edge tiles as full blocks ending at n, as self_topk
-    with torch.inference_mode():
-        for a, i0 in enumerate(starts):
-            for j0 in starts[a:]:
-                torch.matmul(xt[i0 : i0 + side], xt[j0 : j0 + side].T, out=out)
-    tiles = len(starts) * (len(starts) + 1) // 2
-    return 2 * d * side * side * tiles
 
 
 def worker(args: dict) -> dict:

@@ -185,8 +185,7 @@ def _heap_topk(
         elif len(flat):
             _push_sparse(heaps, s.ravel()[flat], flat, c, columns, heap0, id0, reversed_index)
 
-    # Threads: module docstring. faiss and torch share one OpenMP runtime, whose thread count is set per calling
-    # thread: set to 1 in this thread it would make torch's GEMM single-threaded too (it did, halving its speed).
+    # Threads: module docstring (faiss's one OpenMP thread is set in the workers only, never in this thread).
     faiss_threads = faiss.omp_get_max_threads()
     if torch.get_num_threads() > 1:  # pushes in two workers at one OpenMP thread each; this thread keeps torch's
         helper = ThreadPoolExecutor(max_workers=2, initializer=faiss.omp_set_num_threads, initargs=(1,))
