@@ -59,6 +59,9 @@ class DataConfig:
     image_size: int = 64
     augment: str = "light"  # preset name, see arcfold.data.transforms.AUGMENT_PRESETS
     hflip: float = 0.0  # horizontal-flip probability; 0 for characters (a flip changes them), ~0.5 for objects
+    # run the preset's batch-level version when it has one (shift): one torch gather per batch on the training
+    # device instead of albumentations per image, the same augmentation (arcfold.data.transforms.BatchShift)
+    batch_augment: bool = True
     # decode + resize every image once into RAM as uint8: N x S x S x 3 bytes for N images at S = image_size (64 px:
     # 12 KB an image; 1.6M images at 224 px: 240 GB), in every process of a torchrun run. Turn it off when that does
     # not fit comfortably in RAM: images are then decoded each epoch (slower on few CPUs), to the same pixels

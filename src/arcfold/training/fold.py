@@ -27,7 +27,7 @@ from arcfold.data.dataset import ImageDataset
 from arcfold.data.folds import TEST_FOLD, ensure_folds, file_sha256, verify_fold_file
 from arcfold.data.samplers import ShardedBatchSampler, build_sampler, global_batches
 from arcfold.data.table import FOLD, LABEL, check_image_files, image_root, resolve_image_paths
-from arcfold.data.transforms import build_eval_transform, build_train_transform
+from arcfold.data.transforms import build_batch_augment, build_eval_transform, build_train_transform
 from arcfold.datasets.prepare import ensure_dataset
 from arcfold.distributed import DistContext, dist_context, gather_rows, on_rank0, process_group, shard_range
 from arcfold.errors import ArtifactExistsError, ConfigError, DataValidationError, NonFiniteLossError
@@ -184,7 +184,7 @@ class _FoldRun:
         if ckpt is not None:  # every rank reads the same resume point
             self._restore(ckpt)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.collate, self.device_normalise = build_train_collate(self.device)
+        self.collate, self.device_normalise = build_train_collate(self.device, self.batch_augment is not None)
         self.ddp = build_ddp(cfg, self.model, self.head, ctx, self.device) if ctx.enabled else None
         self.step = OptimizerStep.from_config(
             cfg, self.optimizer, self.scheduler, self.scaler, self.params, self.guard,
@@ -252,6 +252,8 @@ class _FoldRun:
         self.amp_dtype = amp_dtype_for(cfg.train.amp, device)
         self.base_seed = cfg.train.seed + (rows.n_splits if paths.full else self.fold)  # full fit: a seed no fold uses
         seed_everything(self.base_seed)
+        # the preset's batch-level version (data.batch_augment), left out of the per-image pipeline
+        self.batch_augment = build_batch_augment(cfg.data.augment, cfg.data.image_size, cfg.data.batch_augment)
         self._build_datasets()
         check_distributed_config(cfg, ctx, device)
         self.model = build_model(cfg.model).to(device)
@@ -295,7 +297,10 @@ class _FoldRun:
         cfg, rows, size = self.cfg, self.rows, self.cfg.data.image_size
         root = image_root(cfg.data)
         # uint8 out of the augmentation; the loader (CPU) or the device (CUDA) normalises whole batches
-        train_tf = build_train_transform(cfg.data.augment, size, cfg.data.hflip, seed=self.base_seed, normalise=False)
+        train_tf = build_train_transform(
+            cfg.data.augment, size, cfg.data.hflip, seed=self.base_seed, normalise=False,
+            batch_level=self.batch_augment is not None,
+        )  # fmt: skip
         # resized when read, cached or not: read_image, the resize of OOF and inference too
         self.train_ds = ImageDataset(
             resolve_image_paths(rows.train_df, root), rows.train_labels, train_tf, cache=cfg.data.cache_images,
@@ -348,11 +353,13 @@ class _FoldRun:
         # augmentation seeded per sample from (epoch_seed, index): the same pixels whatever data.num_workers; the
         # ranks take disjoint indices, so they augment different images, each as the single-process run does
         self.train_ds.set_augment_seed(epoch_seed)
+        if self.batch_augment is not None:  # its draws too: one global batch at a time, the same on every rank
+            self.batch_augment.start_epoch(epoch_seed)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(
             cfg, self.model, self.head, self._loader(epoch_seed), self.n_batches, self.step, self.device,
-            self.amp_dtype, epoch, ddp=self.ddp, ctx=ctx, normalise=self.device_normalise,
+            self.amp_dtype, epoch, ddp=self.ddp, ctx=ctx, normalise=self.device_normalise, augment=self.batch_augment,
         )  # fmt: skip
         ema = self.ema
         eval_model, eval_head = (ema.model, ema.head) if ema is not None else (self.model, self.head)

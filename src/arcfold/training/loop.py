@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from arcfold.config import ExperimentConfig
-from arcfold.data.transforms import BatchNormalise, collate_uint8
+from arcfold.data.transforms import BatchNormalise, BatchShift, collate_uint8
 from arcfold.distributed import DistContext, reduce_mean
 from arcfold.io import fault_point
 from arcfold.models.margins import margin_warmup_factor
@@ -25,16 +25,17 @@ log = logging.getLogger(__name__)
 __all__ = ["build_train_collate", "train_one_epoch"]
 
 
-def build_train_collate(device: torch.device) -> tuple[Callable, BatchNormalise | None]:
+def build_train_collate(device: torch.device, batch_augment: bool = False) -> tuple[Callable, BatchNormalise | None]:
     """The training loader's ``collate_fn`` for uint8 images (``build_train_transform(..., normalise=False)``) and
-    the normalisation left to the device (``None`` on the CPU).
+    the normalisation left to the device (``None`` when the loader normalises).
 
     CPU: the loader stacks and normalises each batch in one numpy pass (float32 out, as ``Normalize ->
     ToTensorV2`` per image gave, bit for bit). CUDA: the loader hands over uint8 (a quarter of the bytes over
-    PCIe) and :func:`train_one_epoch` normalises on the device after the transfer.
+    PCIe) and :func:`train_one_epoch` normalises on the device after the transfer. ``batch_augment``: a batch-level
+    augmentation runs on the uint8 batch in :func:`train_one_epoch`, so the normalisation waits for it there.
     """
     normalise = BatchNormalise(device)
-    if device.type == "cpu":
+    if device.type == "cpu" and not batch_augment:
         return functools.partial(collate_uint8, normalise=normalise), None
     return collate_uint8, normalise
 
@@ -53,13 +54,16 @@ def train_one_epoch(
     ddp: DistributedDataParallel | None = None,
     ctx: DistContext | None = None,
     normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment: BatchShift | None = None,
 ) -> dict[str, float]:
     """One pass over the first ``n_batches`` of ``loader``; ``step`` owns accumulation, scaling, clipping, skips.
 
     Several processes: ``ddp`` wraps a :class:`~arcfold.training.ddp.DistributedTrainStep` of ``model`` (and
     ``head``, unless it is sharded: then ``step.sharded_params`` are its parameters, different on every rank). The
     losses and images counted are those of the global batch. ``normalise``: applied to each image batch once it is
-    on ``device`` (the uint8 batches of :func:`build_train_collate` under CUDA).
+    on ``device`` (the uint8 batches of :func:`build_train_collate` under CUDA). ``augment``: a batch-level
+    augmentation (:func:`arcfold.data.transforms.build_batch_augment`, its epoch seed already set) applied to each
+    uint8 batch on ``device`` before ``normalise``; every batch draws, also one skipped for a non-finite loss.
     """
     ctx = ctx or DistContext()
     model.train()
@@ -77,6 +81,8 @@ def train_one_epoch(
             head.margin_factor = margin_warmup_factor(epoch + i / n_batches, warmup_epochs)
         images = images.to(device, non_blocking=True)  # (B, 3, H, W) float32, or uint8 when ``normalise`` is given
         labels = labels.to(device, non_blocking=True)
+        if augment is not None:
+            images = augment(images, ctx.rank, ctx.world_size)
         if normalise is not None:
             images = normalise(images)
         if cfg.train.channels_last:
