@@ -13,17 +13,22 @@ only differences are what ``train_fold.sh`` adds around the step:
   the loader, the batch normalised in the collate (the data path before batch-level augmentation).
 * ``bare``: ``loss = head(model(x), y); loss.backward(); optimizer.step()`` on (N, 3, 64, 64) float tensors decoded
   and normalised before the clock starts (no augmentation).
+* ``bare_foreach``: the ``bare`` loop with the optimizer arcfold had before it was fused (the same groups and
+  hyper-parameters, torch's ``foreach`` implementation): what fusing gains.
 * ``bare_shift``: the bare loop doing the same augmentation a user would write: preloaded uint8 tensors, each
   image of the batch shifted by its own random ``(dx, dy)`` in [-4, 4] with replicated borders (one ``gather``
   per axis, written here, not arcfold's code), then ``(x / 255 - mean) / std``.
 
 Rounds alternate (``--rounds`` x ``--round-batches`` batches each, the loops' order rotated each round, medians)
-in one process so machine drift hits all alike; the first round is a warm-up and the image cache is filled before
-timing. Peak memory: a fresh subprocess per loop (``ru_maxrss``). The per-batch cost of each stage (each data
-loader alone, the bare step, the remainder) is reported. CUDA/AMP rows are skipped without a GPU. Run from the
-project root (needs ``../shared/data/omniglot``)::
+in one process so machine drift hits all alike. By default a round is one batch of each loop: this VM's speed
+changes within seconds (the same loop measured 90 and 150 img/s in consecutive rounds of 10 batches, 2.5 s, on a
+machine otherwise idle), so the loops alternate batch by batch and each keeps its loader's iterator across
+rounds. A warm-up comes first and the image caches are filled before timing. Peak memory: a fresh subprocess
+per loop (``ru_maxrss``). The per-batch cost of each stage (each data loader alone, the bare step, the
+remainder) is reported. CUDA/AMP rows are skipped without a GPU. Run from the project root (needs
+``../shared/data/omniglot``)::
 
-    python benchmarks/bench_train.py [--rounds 6] [--round-batches 10]
+    python benchmarks/bench_train.py [--rounds 240] [--round-batches 1]
 
 Writes ``benchmarks/results/bench_train.json`` and its section of ``BENCHMARKS.md``.
 """
@@ -53,7 +58,7 @@ from _bench_common import (  # noqa: E402
 
 NAME = "bench_train"
 CONFIG = "configs/omniglot_arcface.yaml"
-LOOPS = ("arcfold", "arcfold_per_image", "bare", "bare_shift")
+LOOPS = ("arcfold", "arcfold_per_image", "bare", "bare_shift", "bare_foreach")
 TARGET = 0.95
 
 
@@ -68,7 +73,7 @@ def setup(fold: int = 0) -> dict:
     from arcfold.data.dataset import ImageDataset
     from arcfold.data.folds import ensure_folds, load_folds
     from arcfold.data.table import FOLD, LABEL, image_root, resolve_image_paths
-    from arcfold.data.transforms import build_batch_augment, build_train_transform
+    from arcfold.data.transforms import RequireSize, build_batch_augment, build_train_transform
     from arcfold.datasets.prepare import ensure_dataset
     from arcfold.models.embedding import build_model
     from arcfold.models.heads import build_head
@@ -92,8 +97,11 @@ def setup(fold: int = 0) -> dict:
         if batch_level and augment is None:
             raise SystemExit(f"{CONFIG}: data.augment={aug} has no batch-level version; nothing to compare")
         transform = build_train_transform(aug, size, cfg.data.hflip, seed=0, normalise=False, batch_level=batch_level)
+        if [type(t) for t in transform] == [RequireSize]:  # nothing left per image: no transform, as train_fold
+            transform = None
         dataset = ImageDataset(paths, labels, transform, cache=cfg.data.cache_images, size=size, progress=False)
-        dataset.set_augment_seed(0)  # reseeded per sample, as train_fold does
+        if transform is not None:
+            dataset.set_augment_seed(0)  # reseeded per sample, as train_fold does
         if augment is not None:
             augment.start_epoch(0)
         collate, normalise = build_train_collate(cpu, batch_augment=augment is not None)
@@ -102,6 +110,9 @@ def setup(fold: int = 0) -> dict:
     model = build_model(cfg.model)
     head = build_head(cfg.head, cfg.model.embedding_size, len(classes))
     bare_model, bare_head = copy.deepcopy(model), copy.deepcopy(head)
+    foreach_model, foreach_head = copy.deepcopy(model), copy.deepcopy(head)
+    fused = build_optimizer(cfg, foreach_model, foreach_head)
+    foreach_groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in fused.param_groups]
     s = {
         "cfg": cfg,
         "paths": paths,
@@ -113,6 +124,10 @@ def setup(fold: int = 0) -> dict:
         "bare_model": bare_model,
         "bare_head": bare_head,
         "bare_optimizer": build_optimizer(cfg, bare_model, bare_head),
+        # the optimizer before it was fused: the same groups, torch's foreach implementation
+        "foreach_model": foreach_model,
+        "foreach_head": foreach_head,
+        "foreach_optimizer": type(fused)(foreach_groups, foreach=True),
         "shift_limit": max(1, round(size / 16)),
     }
 
@@ -154,6 +169,18 @@ def normalised(x_uint8: torch.Tensor) -> torch.Tensor:
     return ((x_uint8.float() / 255.0 - mean) / std).contiguous()
 
 
+def next_batches(s: dict, name: str, batches: int):
+    """The next ``batches`` batches of data path ``name``'s loader, one persistent iterator across rounds (a new
+    shuffled epoch when it runs out), so that a round of one batch does not pay for a new DataLoader."""
+    iters = s.setdefault("iters", {})
+    for _ in range(batches):
+        try:
+            yield next(iters[name])
+        except (KeyError, StopIteration):
+            iters[name] = iter(s["loader"](name))
+            yield next(iters[name])
+
+
 def arcfold_round(s: dict, name: str, batches: int) -> float:
     """Images/s of ``batches`` batches of arcfold's epoch function on its data path ``name``."""
     from arcfold.training.loop import train_one_epoch
@@ -164,7 +191,7 @@ def arcfold_round(s: dict, name: str, batches: int) -> float:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     params = [p for g in s["optimizer"].param_groups for p in g["params"]]
     stats = train_one_epoch(
-        cfg, s["model"], s["head"], s["loader"](name), batches,
+        cfg, s["model"], s["head"], next_batches(s, name, batches), batches,
         OptimizerStep.from_config(cfg, s["optimizer"], scheduler, scaler, params),
         torch.device("cpu"), None, 1, normalise=d["normalise"], augment=d["augment"],
     )  # fmt: skip
@@ -181,10 +208,11 @@ def random_shift(x: torch.Tensor, limit: int) -> torch.Tensor:
     return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
-def bare_round(s: dict, x: torch.Tensor, y: torch.Tensor, batches: int, shift: bool) -> float:
+def bare_round(s: dict, x: torch.Tensor, y: torch.Tensor, batches: int, shift: bool, prefix: str = "bare") -> float:
     """The bare loop on preloaded tensors: float and normalised already (``shift=False``), or uint8 shifted and
-    normalised per batch inside the clock (``shift=True``)."""
-    model, head, opt, bs = s["bare_model"], s["bare_head"], s["bare_optimizer"], s["cfg"].train.batch_size
+    normalised per batch inside the clock (``shift=True``); ``prefix="foreach"``: the foreach optimizer's copy."""
+    model, head, opt = s[f"{prefix}_model"], s[f"{prefix}_head"], s[f"{prefix}_optimizer"]
+    bs = s["cfg"].train.batch_size
     model.train()
     head.train()
     order = torch.randperm(len(x))
@@ -217,6 +245,8 @@ def data_only_round(s: dict, name: str, batches: int) -> float:
 def run_loop(s: dict, name: str, data: dict[str, torch.Tensor], batches: int) -> float:
     if name.startswith("arcfold"):
         return arcfold_round(s, name, batches)
+    if name == "bare_foreach":
+        return bare_round(s, *data["bare"], batches, shift=False, prefix="foreach")
     return bare_round(s, *data[name], batches, shift=name == "bare_shift")
 
 
@@ -239,8 +269,8 @@ def worker(args: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--round-batches", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=240)
+    p.add_argument("--round-batches", type=int, default=1)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -291,9 +321,10 @@ def summarise(rates: dict[str, list[float]], data_s: dict[str, float], bs: int) 
     ratio of each loop's best round (the least disturbed); the profile uses the best rounds."""
     best = {k: max(v) for k, v in rates.items()}
     pairs = [(a, b) for a in ("arcfold", "arcfold_per_image") for b in ("bare", "bare_shift")]
-    pairs.append(("bare_shift", "bare"))
+    pairs += [("bare_shift", "bare"), ("bare_foreach", "bare")]
     per_round = {f"{a}/{b}": [x / y for x, y in zip(rates[a], rates[b], strict=True)] for a, b in pairs}
     ratios = {k: float(np.median(v)) for k, v in per_round.items()}
+    quartiles = {k: [float(q) for q in np.percentile(v, [25, 75])] for k, v in per_round.items()}
     profile = {
         "bare_step_ms_per_batch": 1000 * bs / best["bare"],
         "bare_shift_ms_per_batch": 1000 * bs / best["bare_shift"],
@@ -309,6 +340,7 @@ def summarise(rates: dict[str, list[float]], data_s: dict[str, float], bs: int) 
         "median_images_per_s": {k: float(np.median(v)) for k, v in rates.items()},
         "best_images_per_s": best,
         "ratios": ratios,
+        "ratio_quartiles": quartiles,
         "ratio_arcfold_over_bare": ratios["arcfold/bare"],
         "ratio_of_best_rounds": best["arcfold"] / best["bare"],
         "target_met": ratios["arcfold/bare"] >= TARGET,
@@ -330,14 +362,24 @@ def markdown(pl: dict, a: argparse.Namespace) -> str:
         "arcfold_per_image": "arcfold, albumentations shift per image (`data.batch_augment=false`)",
         "bare": "bare loop, preloaded float tensors, no augmentation",
         "bare_shift": "bare loop, preloaded uint8, the same per-image shift + normalisation per batch",
+        "bare_foreach": "bare loop as `bare`, the optimizer torch's foreach Adam (arcfold's before it was fused)",
+    }
+    quart = pl["ratio_quartiles"]
+
+    def r(key: str) -> str:
+        return f"{ratios[key]:.3f} ({quart[key][0]:.3f}-{quart[key][1]:.3f})"
+
+    cells = {
+        "arcfold": (r("arcfold/bare"), r("arcfold/bare_shift")),
+        "arcfold_per_image": (r("arcfold_per_image/bare"), r("arcfold_per_image/bare_shift")),
+        "bare": ("1", ""),
+        "bare_shift": (r("bare_shift/bare"), "1"),
+        "bare_foreach": (r("bare_foreach/bare"), ""),
     }
     rows = [
-        f"| {what[n]} | {pl['median_images_per_s'][n]:.1f} | {best[n]:.1f} | "
-        + (f"{ratios[n + '/bare']:.3f} | {ratios[n + '/bare_shift']:.3f}" if n.startswith("arcfold") else
-           ("1 | " + f"{1 / ratios['bare_shift/bare']:.3f}" if n == "bare" else f"{ratios['bare_shift/bare']:.3f} | 1"))
-        + f" | {mib(n)} |"
+        f"| {what[n]} | {pl['median_images_per_s'][n]:.1f} | {best[n]:.1f} | {cells[n][0]} | {cells[n][1]} | {mib(n)} |"
         for n in LOOPS
-    ]  # fmt: skip
+    ]
     return "\n".join(
         [
             "## Training throughput: `train_one_epoch` on the real data path vs bare loops on preloaded tensors",
@@ -346,13 +388,13 @@ def markdown(pl: dict, a: argparse.Namespace) -> str:
             f"Machine: {machine_line(pl['machine'])}  ",
             f"GPU: {NO_GPU}; CUDA fp16/bf16 rows skipped.",
             "",
-            f"Same model, head and optimiser (`{pl['config']}`: resnet18, {pl['image_size']} px, batch "
+            f"Same model, head and optimiser (fused Adam; `{pl['config']}`: resnet18, {pl['image_size']} px, batch "
             f"{pl['batch_size']}, augmentation `{pl['augment']}`, {pl['n_train_images']} fold-0 training images; "
             f"num_workers={pl['num_workers']}, channels_last={pl['channels_last']}). Alternating rounds "
             f"({pl['rounds']} x {pl['round_batches']} batches, the loops' order rotated each round), one process; "
-            "the image caches are filled first. Ratio = median of the per-round ratios (each round runs the four "
-            "loops back to back). Peak RSS: one fresh subprocess per loop, peak (+ extra over the loaded data). "
-            "Shared 2-core VM: compare the ratios.",
+            "the image caches are filled first. Ratio = median of the per-round ratios (each round runs the loops "
+            "back to back), in brackets their quartiles. Peak RSS: one fresh subprocess per loop, peak (+ extra "
+            "over the loaded data). Shared 2-core VM: compare the ratios.",
             "",
             "| loop | median img/s | best img/s | ratio to bare | ratio to bare + same shift | peak MiB |",
             "|---|---|---|---|---|---|",

@@ -27,7 +27,7 @@ from arcfold.data.dataset import ImageDataset
 from arcfold.data.folds import TEST_FOLD, ensure_folds, file_sha256, verify_fold_file
 from arcfold.data.samplers import ShardedBatchSampler, build_sampler, global_batches
 from arcfold.data.table import FOLD, LABEL, check_image_files, image_root, resolve_image_paths
-from arcfold.data.transforms import build_batch_augment, build_eval_transform, build_train_transform
+from arcfold.data.transforms import RequireSize, build_batch_augment, build_eval_transform, build_train_transform
 from arcfold.datasets.prepare import ensure_dataset
 from arcfold.distributed import DistContext, dist_context, gather_rows, on_rank0, process_group, shard_range
 from arcfold.errors import ArtifactExistsError, ConfigError, DataValidationError, NonFiniteLossError
@@ -301,6 +301,8 @@ class _FoldRun:
             cfg.data.augment, size, cfg.data.hflip, seed=self.base_seed, normalise=False,
             batch_level=self.batch_augment is not None,
         )  # fmt: skip
+        if [type(t) for t in train_tf] == [RequireSize]:  # nothing left per image (read_image gives the size)
+            train_tf = None
         # resized when read, cached or not: read_image, the resize of OOF and inference too
         self.train_ds = ImageDataset(
             resolve_image_paths(rows.train_df, root), rows.train_labels, train_tf, cache=cfg.data.cache_images,
@@ -352,7 +354,8 @@ class _FoldRun:
         seed_everything(epoch_seed)
         # augmentation seeded per sample from (epoch_seed, index): the same pixels whatever data.num_workers; the
         # ranks take disjoint indices, so they augment different images, each as the single-process run does
-        self.train_ds.set_augment_seed(epoch_seed)
+        if self.train_ds.transform is not None:
+            self.train_ds.set_augment_seed(epoch_seed)
         if self.batch_augment is not None:  # its draws too: one global batch at a time, the same on every rank
             self.batch_augment.start_epoch(epoch_seed)
         if self.sampler is not None:
