@@ -73,7 +73,7 @@ def setup(fold: int = 0) -> dict:
     from arcfold.data.dataset import ImageDataset
     from arcfold.data.folds import ensure_folds, load_folds
     from arcfold.data.table import FOLD, LABEL, image_root, resolve_image_paths
-    from arcfold.data.transforms import RequireSize, build_batch_augment, build_train_transform
+    from arcfold.data.transforms import build_batch_augment, build_train_transform
     from arcfold.datasets.prepare import ensure_dataset
     from arcfold.models.embedding import build_model
     from arcfold.models.heads import build_head
@@ -97,8 +97,6 @@ def setup(fold: int = 0) -> dict:
         if batch_level and augment is None:
             raise SystemExit(f"{CONFIG}: data.augment={aug} has no batch-level version; nothing to compare")
         transform = build_train_transform(aug, size, cfg.data.hflip, seed=0, normalise=False, batch_level=batch_level)
-        if [type(t) for t in transform] == [RequireSize]:  # nothing left per image: no transform, as train_fold
-            transform = None
         dataset = ImageDataset(paths, labels, transform, cache=cfg.data.cache_images, size=size, progress=False)
         if transform is not None:
             dataset.set_augment_seed(0)  # reseeded per sample, as train_fold does

@@ -56,8 +56,9 @@ def test_per_image_pipeline_leaves_the_shift_to_the_batch():
     assert build_batch_augment("shift", 64) is not None
     assert build_batch_augment("shift", 64, enabled=False) is None
     assert build_batch_augment("light", 64) is None  # no batch-level version: albumentations per image
-    names = [type(t).__name__ for t in build_train_transform("shift", 64, batch_level=True, normalise=False)]
-    assert names == ["RequireSize"]
+    assert build_train_transform("shift", 64, batch_level=True, normalise=False) is None  # nothing left per image
+    names = [type(t).__name__ for t in build_train_transform("shift", 64, hflip=0.5, batch_level=True)]
+    assert names == ["RequireSize", "HorizontalFlip", "Normalize", "ToTensorV2"]
     names = [type(t).__name__ for t in build_train_transform("shift", 64, hflip=0.5, normalise=False)]
     assert names == ["RequireSize", "Affine", "HorizontalFlip"]
     light = build_train_transform("light", 64, batch_level=True, normalise=False)

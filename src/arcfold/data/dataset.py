@@ -230,9 +230,10 @@ class ImageDataset(Dataset):
         """Reseed the transform per sample from ``(seed, index, draw)`` from now on (``None``: leave its stream alone).
 
         Set it before the DataLoader's workers start (``persistent_workers=False``: they start with each epoch's
-        iterator). The transform must be an albumentations ``Compose`` (it has ``set_random_state``).
+        iterator). The transform must be an albumentations ``Compose`` (it has ``set_random_state``), or None
+        (nothing to seed).
         """
-        if seed is not None and not hasattr(self.transform, "set_random_state"):
+        if seed is not None and self.transform is not None and not hasattr(self.transform, "set_random_state"):
             raise TypeError(f"cannot seed {type(self.transform).__name__} per sample: it has no set_random_state")
         self.augment_seed = None if seed is None else int(seed) & _MASK64
 

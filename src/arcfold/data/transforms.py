@@ -192,10 +192,11 @@ def build_train_transform(
     seed: int | None = None,
     normalise: bool = True,
     batch_level: bool = False,
-) -> A.Compose:
+) -> A.Compose | None:
     """The ``preset`` augmentation; ``normalise=False`` leaves out ``Normalize -> ToTensorV2`` (uint8 (H, W, 3)
     out, for :func:`collate_uint8` + :class:`BatchNormalise`; the random stream is the same either way).
-    ``batch_level=True`` leaves out what :func:`build_batch_augment` does on the whole batch instead.
+    ``batch_level=True`` leaves out what :func:`build_batch_augment` does on the whole batch instead, and returns
+    None when nothing is left to do per image (the size check aside: ``read_image`` already gives the size).
 
     ``seed`` seeds albumentations' own streams (the same seed in every transform: their draws coincide); training
     reseeds per sample instead (:meth:`arcfold.data.dataset.ImageDataset.set_augment_seed`)."""
@@ -204,6 +205,8 @@ def build_train_transform(
     steps = [] if batch_level and preset in BATCH_AUGMENTS else AUGMENT_PRESETS[preset](image_size)
     if hflip > 0:
         steps.append(A.HorizontalFlip(p=hflip))
+    if batch_level and not steps:
+        return None
     return A.Compose([RequireSize(image_size), *steps, *_finish(normalise)], seed=seed)
 
 

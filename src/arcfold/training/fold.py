@@ -27,7 +27,7 @@ from arcfold.data.dataset import ImageDataset
 from arcfold.data.folds import TEST_FOLD, ensure_folds, file_sha256, verify_fold_file
 from arcfold.data.samplers import ShardedBatchSampler, build_sampler, global_batches
 from arcfold.data.table import FOLD, LABEL, check_image_files, image_root, resolve_image_paths
-from arcfold.data.transforms import RequireSize, build_batch_augment, build_eval_transform, build_train_transform
+from arcfold.data.transforms import build_batch_augment, build_eval_transform, build_train_transform
 from arcfold.datasets.prepare import ensure_dataset
 from arcfold.distributed import DistContext, dist_context, gather_rows, on_rank0, process_group, shard_range
 from arcfold.errors import ArtifactExistsError, ConfigError, DataValidationError, NonFiniteLossError
@@ -252,8 +252,6 @@ class _FoldRun:
         self.amp_dtype = amp_dtype_for(cfg.train.amp, device)
         self.base_seed = cfg.train.seed + (rows.n_splits if paths.full else self.fold)  # full fit: a seed no fold uses
         seed_everything(self.base_seed)
-        # the preset's batch-level version (data.batch_augment), left out of the per-image pipeline
-        self.batch_augment = build_batch_augment(cfg.data.augment, cfg.data.image_size, cfg.data.batch_augment)
         self._build_datasets()
         check_distributed_config(cfg, ctx, device)
         self.model = build_model(cfg.model).to(device)
@@ -296,13 +294,9 @@ class _FoldRun:
     def _build_datasets(self) -> None:
         cfg, rows, size = self.cfg, self.rows, self.cfg.data.image_size
         root = image_root(cfg.data)
-        # uint8 out of the augmentation; the loader (CPU) or the device (CUDA) normalises whole batches
-        train_tf = build_train_transform(
-            cfg.data.augment, size, cfg.data.hflip, seed=self.base_seed, normalise=False,
-            batch_level=self.batch_augment is not None,
-        )  # fmt: skip
-        if [type(t) for t in train_tf] == [RequireSize]:  # nothing left per image (read_image gives the size)
-            train_tf = None
+        # per-image augmentation, uint8 out; None when the batch-level version (data.batch_augment) does it all
+        self.batch_augment = aug = build_batch_augment(cfg.data.augment, size, cfg.data.batch_augment)
+        train_tf = build_train_transform(cfg.data.augment, size, cfg.data.hflip, self.base_seed, False, bool(aug))
         # resized when read, cached or not: read_image, the resize of OOF and inference too
         self.train_ds = ImageDataset(
             resolve_image_paths(rows.train_df, root), rows.train_labels, train_tf, cache=cfg.data.cache_images,
@@ -354,8 +348,7 @@ class _FoldRun:
         seed_everything(epoch_seed)
         # augmentation seeded per sample from (epoch_seed, index): the same pixels whatever data.num_workers; the
         # ranks take disjoint indices, so they augment different images, each as the single-process run does
-        if self.train_ds.transform is not None:
-            self.train_ds.set_augment_seed(epoch_seed)
+        self.train_ds.set_augment_seed(epoch_seed)
         if self.batch_augment is not None:  # its draws too: one global batch at a time, the same on every rank
             self.batch_augment.start_epoch(epoch_seed)
         if self.sampler is not None:
