@@ -22,23 +22,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def mini_root(tmp_path_factory):
+def shift_run(tmp_path_factory):
+    """The overrides of a run called ``name`` on a mini data set (written once) with the ``shift`` preset, 2 epochs."""
     root = tmp_path_factory.mktemp("mini_shift")
     write_mini_dataset(root / "input")
-    return root
+    fixed = [f"data.input_dir={root / 'input'}", "data.augment=shift", "train.epochs=2"]
+    return lambda name, *extra: [*mini_overrides(root / name), *fixed, *extra]
 
 
-def _overrides(root, name: str, *extra: str) -> list[str]:
-    return [
-        *mini_overrides(root / name),
-        f"data.input_dir={root / 'input'}",
-        "data.augment=shift",
-        "train.epochs=2",
-        *extra,
-    ]
-
-
-def test_every_training_batch_is_shifted_once_on_the_batch(mini_root, monkeypatch):
+def test_every_training_batch_is_shifted_once_on_the_batch(shift_run, monkeypatch):
     calls: list[tuple[torch.dtype, int]] = []
     real = arcfold.data.transforms.BatchShift.apply
 
@@ -47,17 +39,17 @@ def test_every_training_batch_is_shifted_once_on_the_batch(mini_root, monkeypatc
         return real(x, shifts)
 
     monkeypatch.setattr(arcfold.data.transforms.BatchShift, "apply", staticmethod(counted))
-    train_fold(load_config(None, _overrides(mini_root, "counted")), 0)
+    train_fold(load_config(None, shift_run("counted")), 0)
     assert calls == [(torch.uint8, 16)] * 6  # 2 epochs x 3 batches, uint8 before the normalisation
     calls.clear()
-    train_fold(load_config(None, _overrides(mini_root, "per_image", "data.batch_augment=false")), 0)
+    train_fold(load_config(None, shift_run("per_image", "data.batch_augment=false")), 0)
     assert calls == []  # albumentations per image instead
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_bits(mini_root):
-    reference = _overrides(mini_root, "reference")
+def test_a_run_killed_mid_epoch_resumes_to_the_same_bits(shift_run):
+    reference = shift_run("reference")
     assert run_fold(reference) == 0
-    killed = _overrides(mini_root, "killed")
+    killed = shift_run("killed")
     assert run_fold(killed, kill_at="train_batch#5") == -signal.SIGKILL  # batch 1 of epoch 1
     assert run_fold([*killed, "train.resume=true"]) == 0
     ref_paths, paths = FoldPaths(load_config(None, reference), 0), FoldPaths(load_config(None, killed), 0)
