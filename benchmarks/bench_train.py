@@ -63,8 +63,8 @@ TARGET = 0.95
 
 
 def setup(fold: int = 0) -> dict:
-    """Config, the two arcfold data paths, and two identical (model, head, optimiser) copies: one for the arcfold
-    loops, one for the bare loops."""
+    """Config, the two arcfold data paths, and three identical (model, head, optimiser) copies: one for the arcfold
+    loops, one for the bare loops, one for the bare loop with the foreach optimizer."""
     import copy
 
     from torch.utils.data import DataLoader
@@ -126,7 +126,7 @@ def setup(fold: int = 0) -> dict:
         "foreach_model": foreach_model,
         "foreach_head": foreach_head,
         "foreach_optimizer": type(fused)(foreach_groups, foreach=True),
-        "shift_limit": max(1, round(size / 16)),
+        "shift_limit": paths_by_loop["arcfold"]["augment"].limit,  # the preset's, for the bare loop's own shift
     }
 
     def loader(name: str) -> DataLoader:

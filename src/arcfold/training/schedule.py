@@ -40,8 +40,9 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module, head: nn.Module) ->
     kwargs: dict[str, Any] = {"momentum": o.momentum} if o.name == "sgd" else {}
     # fused: the whole update of every tensor in one kernel (torch's fused Adam/AdamW/SGD, CPU and CUDA). PyTorch
     # defaults to a Python loop over the tensors on CPU and to foreach on CUDA; on this project's 2-core CPU a
-    # resnet18 + ArcFace-head Adam step took 6.6 ms fused against 32 ms foreach and 34 ms looped (12-15 % of a 64 px
-    # batch-32 training step; benchmarks/bench_train.py). A device without fused kernels gets foreach.
+    # resnet18 + ArcFace-head Adam step alone took 6.6 ms fused against 32 ms foreach and 34 ms looped (a one-off
+    # micro-benchmark), and a whole 64 px batch-32 training step with foreach ran at 0.949x the fused one
+    # (benchmarks/bench_train.py, its bare_foreach loop). A device without fused kernels gets foreach.
     try:
         return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, fused=True, **kwargs)
     except RuntimeError:  # "`fused=True` requires all the params to be floating point Tensors of supported devices"
