@@ -1,14 +1,15 @@
-"""Neighbour search: time per 1k queries of faiss exact / IVF / HNSW (``arcfold.retrieval.search`` defaults) and torch.
+"""Neighbour search: time per 1k queries of faiss exact / IVF / HNSW / IVF-PQ (``arcfold.retrieval.search``) and torch.
 
 Gallery: ``N`` L2-normalised clustered float32 vectors at D=128 (``_bench_common.clustered_embeddings``); queries:
 1000 further vectors drawn around the same class centres (so they have true neighbours in the gallery), k=10.
 
-* faiss exact / ivf / hnsw: ``arcfold.retrieval.search.build_index`` with search.py's defaults (IVF:
-  ``nlist = 4 sqrt(N)`` capped so each list has >= 39 points, trained on <= 256 points per list; HNSW: ``M=32``),
+* faiss exact / ivf / hnsw / ivfpq: ``arcfold.retrieval.search.build_index`` with search.py's defaults (IVF:
+  ``nlist = 4 sqrt(N)`` capped so each list has >= 39 points, trained on <= 256 points per list; HNSW: ``M=32``;
+  IVF-PQ: the same lists holding 4-bit fast-scan PQ codes of 2 dimensions each, re-scored exactly),
   each approximate index built once, with its knob chosen for ``target_recall=0.95`` (``--target-recall``) on
   held-out gallery rows (``arcfold.retrieval.index_tuning``; build time includes that sweep, whose own seconds are
-  reported too). Searched at that knob (``ivf_target``, ``hnsw_target``) and at the former fixed defaults
-  (``target_recall=None``: ``nprobe = nlist / 4``, ``efSearch=128``; ``ivf``, ``hnsw``), same index. The search
+  reported too). Searched at that knob (``ivf_target``, ``hnsw_target``, ``ivfpq_target``) and at the former fixed
+  defaults (``target_recall=None``: ``nprobe = nlist / 4``, ``efSearch=128``; ``ivf``, ``hnsw``), same index. The search
   time is ``index.search`` of the 1000 queries.
 * torch: ``arcfold.retrieval.search.search(..., backend="torch")`` (exact chunked matmul + top-k with the exact
   tie rule).
@@ -83,7 +84,7 @@ def bench_size(
     row: dict = {"n_gallery": n, "d": D, "noise": noise, "n_queries": N_QUERIES, "k": K, "target_recall": target_recall}
 
     indexes, build_s, knobs = {}, {}, {}
-    for kind in ("exact", "ivf", "hnsw"):
+    for kind in ("exact", "ivf", "hnsw", "ivfpq"):
         if kind != "exact" and n > approx_max_n:
             row[f"{kind}_skipped"] = f"N > --approx-max-n {approx_max_n}"
             continue
@@ -106,6 +107,10 @@ def bench_size(
         knobs["ivf"] = ("ivf", row["nprobe"])
     if "hnsw" in indexes:
         knobs["hnsw"] = ("hnsw", 128)
+    if "ivfpq" in indexes:
+        import faiss
+
+        row["ivfpq_nlist"] = faiss.extract_index_ivf(indexes["ivfpq"]).nlist
 
     def run(method: str) -> tuple[float, np.ndarray]:
         kind = knobs[method][0] if method in knobs else method
@@ -157,7 +162,7 @@ def main() -> None:
         "--approx-max-n",
         type=int,
         default=10**9,
-        help="skip IVF and HNSW above this gallery size (their builds take many minutes on 2 cores at 1M)",
+        help="skip IVF, HNSW and IVF-PQ above this gallery size (their builds take minutes on 2 cores at 1M)",
     )
     p.add_argument("--target-recall", type=float, default=0.95, help="build_index's target_recall (IVF/HNSW knob)")
     p.add_argument("--keep-previous", action="store_true", help="keep other sizes' rows from the last results")
@@ -211,7 +216,8 @@ def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) ->
         "",
         f"Clustered unit vectors (noise norm {a.noise:g} around unit class centres), 1000 queries drawn around the",
         "gallery's class centres (never in the gallery). faiss indexes built by `arcfold.retrieval.search.build_index`",
-        "(IVF-Flat `nlist=4*sqrt(N)`, HNSW-Flat `M=32`), each approximate index once, its knob chosen for",
+        "(IVF-Flat `nlist=4*sqrt(N)`, HNSW-Flat `M=32`, IVF-PQ: the same lists of 4-bit fast-scan codes of 2",
+        "dimensions each, the best `32 k` re-scored exactly), each approximate index once, its knob chosen for",
         "`target_recall` on held-out gallery rows (`arcfold.retrieval.index_tuning`; the build time includes that",
         "sweep); torch = `search(backend='torch')`, exact. Median of alternating rounds in one process; shared noisy",
         "VM, compare within a row. Recall@10 is against faiss exact on the 1000 queries (± its standard error).",
@@ -219,25 +225,26 @@ def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) ->
         "**`search.target_recall` (default 0.95)**: the knob chosen on the gallery, then searched with it.",
         "",
         "| gallery N | target | exact s/1k q | IVF nprobe (of nlist) | IVF s/1k q | IVF recall@10 | IVF sweep s "
-        "| HNSW efSearch | HNSW s/1k q | HNSW recall@10 | HNSW sweep s | IVF build s | HNSW build s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| HNSW efSearch | HNSW s/1k q | HNSW recall@10 | HNSW sweep s | IVF-PQ nprobe (of nlist) | IVF-PQ s/1k q "
+        "| IVF-PQ recall@10 | IVF-PQ sweep s | IVF build s | HNSW build s | IVF-PQ build s |",
+        "|---" * 18 + "|",
     ]
     for row in (r for r in rows if "target_recall" in r):  # rows measured before target_recall had none
         t, rc, se = row["seconds_per_1k_queries"], row["recall@10_vs_exact"], row["recall_se"]
         b = row["build_seconds"]
         cells = [str(row["n_gallery"]), f"{row['target_recall']:g}"]
         cells.append(f"{t['exact']:.4f}")
-        for kind in ("ivf", "hnsw"):
+        for kind in ("ivf", "hnsw", "ivfpq"):
             tuning, method = row.get(f"{kind}_tuning"), f"{kind}_target"
             if tuning is None or method not in t:
                 cells += ["-", "-", "-", "-"]
                 continue
-            of = f" (of {row['nlist']})" if kind == "ivf" else ""
+            of = f" (of {row['nlist'] if kind == 'ivf' else row['ivfpq_nlist']})" if kind != "hnsw" else ""
             cells.append(f"{tuning['value']}{of}" + ("" if tuning["reached"] else " (not reached)"))
             cells.append(f"{t[method]:.4f}")
             cells.append(f"{rc[method]:.4f} ± {se[method]:.4f}")
             cells.append(f"{tuning['seconds']:.1f}")
-        cells += [f"{b[k]:.1f}" if k in b else row.get(f"{k}_skipped", "") for k in ("ivf", "hnsw")]
+        cells += [f"{b[k]:.1f}" if k in b else row.get(f"{k}_skipped", "-") for k in ("ivf", "hnsw", "ivfpq")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -273,7 +280,8 @@ def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) ->
         "|---|" + "---|" * (len(NPROBE_SWEEP) + len(EF_SWEEP)),
     ]
     for row in rows:
-        sw = row["sweep"]
+        # JSON keys are strings: rows kept from an earlier run (--keep-previous) have "16", this run's 16
+        sw = {name: {int(key): v for key, v in values.items()} for name, values in row["sweep"].items()}
         cells = [
             f"{sw['ivf_nprobe'][p]['recall@10']:.3f} ({sw['ivf_nprobe'][p]['s_per_1k']:.3f})"
             if p in sw["ivf_nprobe"]

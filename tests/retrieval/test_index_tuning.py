@@ -20,7 +20,7 @@ from arcfold.retrieval.search import build_index, faiss_available, search
 pytestmark = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 
 TARGET = 0.95
-KNOB = {"ivf": "nprobe", "hnsw": "efSearch"}
+KNOB = {"ivf": "nprobe", "hnsw": "efSearch", "ivfpq": "nprobe"}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -48,8 +48,10 @@ def _per_query_recall(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.array([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)])
 
 
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+@pytest.mark.parametrize("index", ["ivf", "hnsw", "ivfpq"])
 def test_the_chosen_knob_reaches_the_target_on_new_queries_and_is_the_smallest_tried(clustered, exact, index) -> None:
+    import faiss
+
     queries, gallery = clustered
     report: list[dict] = []
     faiss_index = build_index(gallery, index=index, target_recall=TARGET, report=report)
@@ -68,12 +70,10 @@ def test_the_chosen_knob_reaches_the_target_on_new_queries_and_is_the_smallest_t
     assert TARGET <= recall < TARGET + 0.02, recall
     # Every gallery row is in the index once, under its own id (the held-out rows were added after the sweep).
     assert faiss_index.ntotal == 10_000
-    if index == "ivf":
-        faiss_index.nprobe = faiss_index.nlist  # exhaustive: each row finds itself first
+    if index in ("ivf", "ivfpq"):  # ivfpq: an IndexIDMap around the refined IVF-PQ
+        faiss.extract_index_ivf(faiss_index).nprobe = 256  # exhaustive: each row finds itself first
         np.testing.assert_array_equal(faiss_index.search(gallery, 1)[1][:, 0], np.arange(10_000))
     else:  # an IndexIDMap: the stored vectors, in insertion order, against the gallery rows of their ids
-        import faiss
-
         ids = faiss.vector_to_array(faiss_index.id_map)  # (N,)
         np.testing.assert_array_equal(np.sort(ids), np.arange(10_000))
         np.testing.assert_array_equal(faiss.downcast_index(faiss_index.index).reconstruct_n(0, 10_000), gallery[ids])
@@ -129,7 +129,10 @@ def test_search_reports_the_knob_it_searched_with(clustered, exact) -> None:
     assert report == []  # nothing to tune
 
 
-@pytest.mark.parametrize(("index", "kwargs", "value"), [("ivf", {"nprobe": 7}, 7), ("hnsw", {"ef_search": 77}, 77)])
+@pytest.mark.parametrize(
+    ("index", "kwargs", "value"),
+    [("ivf", {"nprobe": 7}, 7), ("hnsw", {"ef_search": 77}, 77), ("ivfpq", {"nprobe": 7}, 7)],
+)
 def test_an_explicit_knob_wins_and_skips_the_sweep(clustered, index, kwargs, value) -> None:
     import faiss
 
@@ -142,6 +145,8 @@ def test_an_explicit_knob_wins_and_skips_the_sweep(clustered, index, kwargs, val
     ]  # fmt: skip
     if index == "ivf":
         assert faiss_index.nprobe == 7
+    elif index == "ivfpq":  # no held-out rows: the refined IVF-PQ itself, ids in gallery order
+        assert isinstance(faiss_index, faiss.IndexRefineFlat) and faiss.extract_index_ivf(faiss_index).nprobe == 7
     else:  # no held-out rows: the plain HNSW index, ids in gallery order
         assert isinstance(faiss_index, faiss.IndexHNSWFlat) and faiss_index.hnsw.efSearch == 77
 
@@ -183,7 +188,7 @@ def test_an_unreachable_target_uses_the_largest_value_tried_and_warns_once(clust
 # index files
 
 
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+@pytest.mark.parametrize("index", ["ivf", "hnsw", "ivfpq"])
 def test_a_saved_index_loads_with_its_knob_and_searches_the_same(clustered, tmp_path, index) -> None:
     queries, gallery = clustered
     report: list[dict] = []
@@ -195,7 +200,10 @@ def test_a_saved_index_loads_with_its_knob_and_searches_the_same(clustered, tmp_
     }  # fmt: skip
     loaded, tuning = load_index(path)
     assert tuning is not None and tuning.value == report[0]["value"] and tuning.tried == report[0]["tried"]
-    assert (loaded.nprobe if index == "ivf" else hnsw_params(loaded).efSearch) == report[0]["value"]
+    import faiss
+
+    knob = hnsw_params(loaded).efSearch if index == "hnsw" else faiss.extract_index_ivf(loaded).nprobe
+    assert knob == report[0]["value"]
     want_sims, want_idx = faiss_index.search(queries, 10)
     got_sims, got_idx = loaded.search(queries, 10)
     np.testing.assert_array_equal(got_idx, want_idx)

@@ -16,6 +16,7 @@ import torch
 import arcfold.retrieval.search
 from arcfold.retrieval.metrics import knn
 from arcfold.retrieval.search import (
+    IVFPQ_K_FACTOR,
     build_index,
     default_nlist,
     default_nprobe,
@@ -146,10 +147,37 @@ def test_build_index_kinds_and_defaults() -> None:
     assert isinstance(hnsw, faiss.IndexHNSWFlat) and hnsw.metric_type == faiss.METRIC_INNER_PRODUCT
     assert hnsw.hnsw.efSearch == 77 and hnsw.ntotal == 4000
     assert default_nlist(20_000) == 512 and default_nlist(10**6) == 4000 and default_nlist(10) == 1
+    ivfpq = build_index(gallery, index="ivfpq", nprobe=8)  # IVF lists of 4-bit PQ codes, re-scored on the floats
+    assert isinstance(ivfpq, faiss.IndexRefineFlat) and ivfpq.k_factor == IVFPQ_K_FACTOR and ivfpq.ntotal == 4000
+    base = faiss.downcast_index(ivfpq.base_index)
+    assert isinstance(base, faiss.IndexIVFPQFastScan) and base.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert (base.nlist, base.nprobe, base.pq.M, base.pq.nbits) == (102, 8, 8, 4)  # the nlist of ivf; D / 2 codes
 
 
 @needs_faiss
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_ivfpq_on_a_gallery_too_small_to_train_its_codes_searches_exactly(caplog) -> None:
+    import faiss
+
+    gallery = _unit(np.random.default_rng(3).normal(size=(600, 8)))
+    with caplog.at_level(logging.WARNING, logger="arcfold.retrieval.search"):
+        index = build_index(gallery, index="ivfpq", target_recall=None)
+    assert isinstance(index, faiss.IndexFlatIP) and index.ntotal == 600
+    want = "index='ivfpq' needs 624 gallery rows to train its codes on, got 600: exact search instead"
+    assert caplog.messages == [want]
+    got = search(gallery[:20], gallery, 5, index="ivfpq", device="cpu")
+    want = search(gallery[:20], gallery, 5, index="exact", device="cpu")
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@needs_faiss
+@pytest.mark.parametrize("index", ["hnsw", "ivfpq"])
+def test_cpu_only_kinds_refuse_a_gpu_build(index) -> None:
+    with pytest.raises(ValueError, match=f"faiss has no GPU {index} index"):
+        build_index(_unit(np.random.default_rng(4).normal(size=(700, 8))), index=index, gpu=True)
+
+
+@needs_faiss
+@pytest.mark.parametrize("index", ["ivf", "hnsw", "ivfpq"])
 def test_approximate_recall_at_10(clustered, index: str) -> None:
     queries, gallery = clustered
     _, exact_idx = search(queries, gallery, 10, backend="faiss", device="cpu")
@@ -270,8 +298,9 @@ def test_faiss_gpu_matches_cpu(random_data, clustered) -> None:
     _, exact_idx = search(queries, gallery, 10, device="cpu")
     _, ivf_idx = search(queries, gallery, 10, index="ivf", device="cuda")
     assert _recall_at(ivf_idx, exact_idx) >= 0.95
-    with pytest.raises(ValueError, match="no GPU HNSW"):
-        search(queries, gallery, 10, index="hnsw", device="cuda")
+    for index in ("hnsw", "ivfpq"):
+        with pytest.raises(ValueError, match=f"no GPU {index} index"):
+            search(queries, gallery, 10, index=index, device="cuda")
 
 
 @pytest.mark.gpu

@@ -53,13 +53,13 @@ class TTAConfig:
 
 @dataclass
 class SearchConfig:
-    index: str = "exact"  # exact | ivf | hnsw
+    index: str = "exact"  # exact | ivf | hnsw | ivfpq (IVF lists of 4-bit PQ codes, re-scored exactly; CPU only)
     backend: str = "auto"  # auto (faiss if installed) | faiss | torch
     device: str = "auto"  # auto (faiss GPU when present) | cpu | cuda
-    nlist: int | None = None  # ivf lists; default ~4 sqrt(N)
-    # The search knob of ivf / hnsw: nprobe (lists visited per query) / ef_search (HNSW's efSearch). null: the smallest
-    # value whose recall@min(k, 10) against exact search reaches target_recall on up to 2000 gallery rows held out
-    # of the index (a short doubling sweep, logged; retrieval/index_tuning.py); a value given here wins (no sweep).
+    nlist: int | None = None  # ivf / ivfpq lists; default ~4 sqrt(N)
+    # The search knob of ivf, ivfpq / hnsw: nprobe (lists visited per query) / ef_search (HNSW efSearch). null: the
+    # smallest value whose recall@min(k, 10) against exact search reaches target_recall on up to 2000 gallery rows
+    # held out of the index (a short doubling sweep, logged; retrieval/index_tuning.py); a value given here wins.
     nprobe: int | None = None
     hnsw_m: int = 32
     ef_search: int | None = None

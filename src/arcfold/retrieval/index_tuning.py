@@ -79,7 +79,7 @@ INDEX_FORMAT = "arcfold.index/1"
 DEFAULT_EF_SEARCH = 128  # HNSW efSearch with target_recall=None (the former fixed default)
 MAX_TUNE_K = 10  # recall@k of the sweep is at k = min(search k, MAX_TUNE_K)
 MAX_EF_SEARCH = 4096  # the last efSearch of the HNSW sweep
-KNOBS = {"ivf": "nprobe", "hnsw": "efSearch"}
+KNOBS = {"ivf": "nprobe", "hnsw": "efSearch", "ivfpq": "nprobe"}
 
 _TUNE_QUERIES = 2000  # held-out gallery rows (a tenth of the gallery when that is fewer)
 _TUNE_SEED = 1
@@ -92,7 +92,7 @@ _TRUTH_BLOCK = 65536  # gallery rows per exact-search block (bounded copies of t
 class IndexTuning:
     """How the search knob of an approximate index was set (module docstring); ``asdict`` gives its JSON."""
 
-    index: str  # "ivf" | "hnsw"
+    index: str  # "ivf" | "hnsw" | "ivfpq"
     knob: str  # "nprobe" | "efSearch"
     value: int
     source: str  # "target_recall" | "explicit" | "default" | "small gallery"
@@ -125,9 +125,14 @@ def hnsw_params(faiss_index: Any) -> Any:
 
 
 def set_knob(faiss_index: Any, index: str, value: int) -> None:
-    """IVF ``nprobe`` (CPU or GPU index) or HNSW ``efSearch``."""
+    """IVF ``nprobe`` (CPU or GPU index; for ``ivfpq`` the IVF inside the refine and id-map wrappers) or HNSW
+    ``efSearch``."""
+    import faiss
+
     if index == "ivf":
         faiss_index.nprobe = int(value)
+    elif index == "ivfpq":
+        faiss.extract_index_ivf(faiss_index).nprobe = int(value)
     else:
         hnsw_params(faiss_index).efSearch = int(value)
 

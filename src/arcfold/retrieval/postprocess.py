@@ -32,7 +32,7 @@ k-reciprocal re-ranking (Zhong, Zheng, Cao & Li, CVPR 2017)
        nearest others). ``R(i, k) = {j in N(i, k) : i in N(j, k)}`` (the k-reciprocal neighbours). With an exact
        index (the default) one pass of :func:`arcfold.retrieval.self_knn.self_topk` gives both the
        ``search(U, U, k1 + 1)`` table and the row minima of step 1, computing only the upper triangle of ``U U^T``;
-       with ``index="ivf"``/``"hnsw"`` they come from ``search(U, U, k1 + 1)`` and ``search(-U, U, 1)``.
+       with ``index="ivf"``/``"hnsw"``/``"ivfpq"`` they come from ``search(U, U, k1 + 1)`` and ``search(-U, U, 1)``.
     3. Expansion: ``R*(i) = R(i, k1)`` united with ``R(c, h)`` of every ``c in R(i, k1)`` for which
        ``|R(c, h) ∩ R(i, k1)| > 2/3 |R(c, h)|``, where ``h = round(k1 / 2)`` (numpy rounding, half to even); the
        overlaps are one sparse product of the two sets' 0/1 matrices.
