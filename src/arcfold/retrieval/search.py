@@ -43,10 +43,11 @@ Search knob (``target_recall``, default 0.95)
 
 Backends and devices
     ``backend="auto"`` uses faiss when it can be imported, else torch. The torch backend is exact only; asking it
-    for ``"ivf"``/``"hnsw"`` is an error, while ``backend="auto"`` without faiss falls back to exact search with a
-    logged warning. ``device="auto"`` puts faiss indexes on the GPU (``StandardGpuResources`` +
-    ``index_cpu_to_gpu``) when :func:`faiss_gpu_available`, and the torch backend on CUDA when torch sees a GPU;
-    ``device="cuda"`` without them is an error. Faiss GPU selection is limited to ``k <= 2048`` (``k + 1`` with
+    for an approximate index is an error, while ``backend="auto"`` without faiss falls back to exact search with a
+    logged warning. ``device="auto"`` puts exact and IVF faiss indexes on the GPU (``StandardGpuResources`` +
+    ``index_cpu_to_gpu``) when :func:`faiss_gpu_available` (HNSW and IVF-PQ stay on the CPU: ``CPU_ONLY_KINDS``),
+    and the torch backend on CUDA when torch sees a GPU; ``device="cuda"`` without them, or with a CPU-only kind,
+    is an error. Faiss GPU selection is limited to ``k <= 2048`` (``k + 1`` with
     ``exclude_self``): a larger k runs on the CPU under ``device="auto"`` and is an error under ``device="cuda"``.
 
 Ranking and ties
