@@ -202,6 +202,8 @@ def main() -> None:
 
 
 def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) -> str:
+    from arcfold.retrieval.search import IVFPQ_K_FACTOR
+
     # rows written before the command was recorded per row came from the first full run
     first = "python benchmarks/bench_search.py --sizes 10000,100000,1000000 --rounds 3 --max-build 300 --noise 0.8"
     commands: dict[str, list[int]] = {}
@@ -217,10 +219,11 @@ def markdown(rows: list[dict], m: dict, a: argparse.Namespace, gpu_note: str) ->
         f"Clustered unit vectors (noise norm {a.noise:g} around unit class centres), 1000 queries drawn around the",
         "gallery's class centres (never in the gallery). faiss indexes built by `arcfold.retrieval.search.build_index`",
         "(IVF-Flat `nlist=4*sqrt(N)`, HNSW-Flat `M=32`, IVF-PQ: the same lists of 4-bit fast-scan codes of 2",
-        "dimensions each, the best `32 k` re-scored exactly), each approximate index once, its knob chosen for",
-        "`target_recall` on held-out gallery rows (`arcfold.retrieval.index_tuning`; the build time includes that",
-        "sweep); torch = `search(backend='torch')`, exact. Median of alternating rounds in one process; shared noisy",
-        "VM, compare within a row. Recall@10 is against faiss exact on the 1000 queries (± its standard error).",
+        f"dimensions each, the best `{IVFPQ_K_FACTOR} k` re-scored exactly), each approximate index once, its knob",
+        "chosen for `target_recall` on held-out gallery rows (`arcfold.retrieval.index_tuning`; the build time",
+        "includes that sweep); torch = `search(backend='torch')`, exact. Median of alternating rounds in one",
+        "process; shared noisy VM, compare within a row. Recall@10 is against faiss exact on the 1000 queries",
+        "(± its standard error).",
         "",
         "**`search.target_recall` (default 0.95)**: the knob chosen on the gallery, then searched with it.",
         "",

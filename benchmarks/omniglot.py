@@ -282,13 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="S > 0: a replicate of every row with other seeds")
     args = parser.parse_args(argv)
+    if args.seed < 0 or (args.seed and {"two_stage", "full"} & set(args.rows.split(","))):
+        parser.error("--seed is a positive integer, for VARIANTS rows only (not two_stage or full)")
     os.chdir(ROOT)
     started, load_before = time.time(), loadavg()
     cfg = load_config(args.config, [])
     ensure_dataset(cfg)
     ensure_folds(cfg)
-    if args.seed < 0 or (args.seed and {"two_stage", "full"} & set(args.rows.split(","))):
-        parser.error("--seed is a positive integer, for VARIANTS rows only (not two_stage or full)")
     reference = reference_folds(cfg, args.force, seed=args.seed)
     rows = {}
     for row in args.rows.split(","):

@@ -135,7 +135,8 @@ _MAX_POINTS_PER_LIST = 256
 _GPU_MAX_K = 2048
 _TRAIN_SEED = 0
 # ivfpq: candidates re-scored exactly per result (k * this many). Recall@10 at 1M x 128 (bench_search's vectors, nprobe
-# 1024 / 1536 of 4096 lists): 0.949 / 0.973 at 16, 0.953 / 0.979 at 64 for 1.3 / 1.1 x the time; the knob is nprobe.
+# 1024 / 1536 of 4096 lists): 0.949 / 0.973 at 16, 0.953 / 0.979 at 64, which took 1.3 / 1.1 x the time of 16; the
+# knob is nprobe.
 IVFPQ_K_FACTOR = 32
 # ivfpq: its 4-bit codes are 16 k-means centroids per sub-vector, and faiss wants 39 training points per centroid;
 # a smaller gallery is searched exactly (a warning says so), which at this size costs nothing.
