@@ -22,9 +22,10 @@ linearly with |U|·(k1+1) (|U| = Q + N), never as |U|^2. Run from the project ro
 
     python benchmarks/bench_rerank.py [--sizes 10000,100000] [--kr-sizes 10000,30000,100000]
 
-``--kr-baseline COMMIT`` also times ``k_reciprocal`` as it was at COMMIT (its ``retrieval/postprocess.py``, read with
-``git show`` into a temporary module that imports today's ``search``) at every k-reciprocal size, in the same run,
-each baseline cell just before the current one; the two results must agree (same ranking, scores to 1e-5).
+``--kr-baseline COMMIT`` also times ``k_reciprocal`` as it was at COMMIT (the whole ``arcfold`` package of that commit,
+``git archive`` into a temporary folder put first on the worker's ``sys.path``: its k-NN pass, set algebra and search
+alike) at every k-reciprocal size, in the same run, each baseline cell just before the current one; the two results
+must agree (same ranking, scores to 1e-5).
 
 Writes ``benchmarks/results/bench_rerank.json`` and its section of ``BENCHMARKS.md``.
 """
@@ -37,9 +38,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,6 +65,9 @@ PARTS = ("kr_knn", "kr_gemm")  # k-reciprocal's k-NN pass and its GEMM alone (mo
 
 
 def worker(args: dict) -> dict:
+    n, step = args["n"], args["step"]
+    if step.startswith("kr@"):  # the whole arcfold package of another commit (--kr-baseline), before any import
+        sys.path.insert(0, str(baseline_package(step[3:])))
     import numpy as np
 
     from arcfold.retrieval.postprocess import database_augmentation, k_reciprocal, query_expansion
@@ -73,10 +75,7 @@ def worker(args: dict) -> dict:
     from arcfold.retrieval.self_knn import self_topk
     from arcfold.retrieval.voting import vote_labels
 
-    n, step = args["n"], args["step"]
     kw = {"backend": args["backend"]}
-    if step.startswith("kr@"):  # the k-reciprocal of another commit (--kr-baseline)
-        k_reciprocal = baseline_k_reciprocal(step[3:])
     x, labels = clustered_embeddings(2 * n, D, seed=2)
     q, g, g_labels = x[:n], x[n:], labels[n:]
     # The first stage is the same for every step of a size: computed once, kept in a temporary file (before the clock)
@@ -103,7 +102,7 @@ def worker(args: dict) -> dict:
         query_expansion(q, g, **kw)
     elif step == "dba":
         database_augmentation(g, **kw)
-    elif step == "kr" or step.startswith("kr@"):
+    elif step == "kr" or step.startswith("kr@"):  # kr@: the import above resolved to the baseline's package
         new_sims, new_idx = k_reciprocal(q, g, sims, idx, **kw)
     else:
         vote_labels(idx, sims, g_labels)
@@ -117,21 +116,19 @@ def worker(args: dict) -> dict:
     return out
 
 
-def baseline_k_reciprocal(commit: str) -> Callable[..., Any]:
-    """``k_reciprocal`` of ``retrieval/postprocess.py`` at ``commit`` (git show), imported as a temporary module."""
-    import importlib.util
+def baseline_package(commit: str) -> Path:
+    """The ``src`` folder of ``commit`` (``git archive``), extracted once into a temporary folder; its ``arcfold``
+    imports before the installed one when put first on ``sys.path``: every module as at that commit."""
+    import io
     import subprocess
+    import tarfile
 
-    source = subprocess.run(
-        ["git", "show", f"{commit}:src/arcfold/retrieval/postprocess.py"], capture_output=True, text=True, check=True
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "baseline_postprocess.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("baseline_postprocess", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.k_reciprocal
+    root = Path(tempfile.gettempdir()) / f"arcfold_bench_rerank_baseline_{commit}"
+    if not (root / "src" / "arcfold").is_dir():
+        archive = subprocess.run(["git", "archive", commit, "src/arcfold"], capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(root, filter="data")
+    return root / "src"
 
 
 def agreement(n: int, baseline: str) -> dict:

@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import arcfold.retrieval.postprocess
 import arcfold.retrieval.voting
@@ -198,6 +199,30 @@ def test_k_reciprocal_matches_dense_reference(
         assert (new_sims == 0).sum() > 10
     # Re-ranking must matter on this data, or the comparison above would prove little.
     assert (new_idx[:, 0] != idx[:, 0]).mean() > 0.2
+
+
+@pytest.mark.parametrize("width", [40, 400])
+def test_min_overlap_kernel_equals_scipy_bit_for_bit(monkeypatch, width: int) -> None:
+    # The compiled Jaccard sums against the scipy path they replace (a.minimum(b).sum(axis=1) in float32): the same
+    # float64 numbers, not merely close. Rows paired with themselves (or near copies) make overlaps of up to 400
+    # entries: numpy's pairwise summation then recurses, which the kernel must follow.
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(width)
+    n_rows, n_cols = 300, 2 * width
+    nnz = rng.integers(0, width, n_rows)
+    rows = np.repeat(np.arange(n_rows), nnz)
+    cols = np.concatenate([rng.choice(n_cols, m, replace=False) for m in nnz])
+    v = sp.csr_matrix(((rng.random(len(rows)) ** 3).astype(np.float32), (rows, cols)), shape=(n_rows, n_cols))
+    v.sort_indices()
+    query_rows = rng.integers(0, n_rows, 60)
+    cand_rows = rng.integers(0, n_rows, (60, 9))
+    cand_rows[:, 0] = query_rows  # overlap = the whole row
+    compiled = arcfold.retrieval.postprocess._min_overlap(v, query_rows, cand_rows)
+    monkeypatch.setattr(arcfold.retrieval.postprocess, "numba_available", lambda: False)
+    scipy_sums = arcfold.retrieval.postprocess._min_overlap(v, query_rows, cand_rows)
+    np.testing.assert_array_equal(compiled, scipy_sums)
+    np.testing.assert_allclose(compiled[:, 0], [v[r].sum() for r in query_rows], rtol=1e-6)  # min(a, a) = a
+    assert nnz[query_rows].max() > 128 or width < 128
 
 
 def test_k_reciprocal_expansion_step_is_exercised(small_clustered) -> None:

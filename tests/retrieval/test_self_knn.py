@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import threading
 
 import numpy as np
 import pytest
@@ -34,23 +35,9 @@ def _reference(x: np.ndarray, k: int, exclude_self: bool = False) -> tuple[np.nd
     return np.take_along_axis(s, order, axis=1), order
 
 
-@pytest.fixture
-def count_paths(monkeypatch):
-    """Count how often a tile's columns go through the sparse push, so a test can require both paths."""
-    calls = {"sparse": 0}
-    push = arcfold.retrieval.self_knn._push_sparse
-
-    def counting(*args, **kwargs):
-        calls["sparse"] += 1
-        return push(*args, **kwargs)
-
-    monkeypatch.setattr(arcfold.retrieval.self_knn, "_push_sparse", counting)
-    return calls
-
-
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize(("n", "k", "block"), [(700, 5, 64), (333, 21, 50), (157, 156, 40), (90, 3, 1024)])
-def test_self_topk_equals_search(count_paths, n: int, k: int, block: int, exclude_self: bool) -> None:
+def test_self_topk_equals_search(n: int, k: int, block: int, exclude_self: bool) -> None:
     # Blocks that do not divide n, k from 3 up to n - 1, one tile (block > n), and clustered data.
     if exclude_self and k == n - 1:
         k = n - 2  # n - 1 would be every other item: fine too, but keep one k below the maximum
@@ -66,8 +53,6 @@ def test_self_topk_equals_search(count_paths, n: int, k: int, block: int, exclud
     neg_max, _ = search(-x, x, 1, backend="torch", device="cpu")
     np.testing.assert_allclose(res.row_min, -neg_max[:, 0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(res.row_min, (x.astype(np.float64) @ x.T.astype(np.float64)).min(axis=1), atol=1e-5)
-    if n == 700:
-        assert count_paths["sparse"] > 10  # most tiles push only the similarities above the thresholds
 
 
 @pytest.mark.parametrize(("n", "block"), [(784, 65), (603, 100), (500, 1024)])
@@ -85,8 +70,8 @@ def test_self_topk_is_bit_identical_to_knn_with_duplicates(n: int, block: int) -
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])
-@pytest.mark.parametrize("block", [7, 32, 1000])
-def test_self_topk_ties_follow_the_search_rule(count_paths, block: int, exclude_self: bool) -> None:
+@pytest.mark.parametrize("block", [7, 32, 128, 1000])
+def test_self_topk_ties_follow_the_search_rule(block: int, exclude_self: bool) -> None:
     # Small integer vectors: products are exact in float32 whatever the summation order, so many similarities tie
     # exactly and the order (-similarity, index) decides which tied items make the top k, as in search.
     rng = np.random.default_rng(3)
@@ -101,32 +86,30 @@ def test_self_topk_ties_follow_the_search_rule(count_paths, block: int, exclude_
         np.testing.assert_array_equal(res.sims, ref_s.astype(np.float32))
         np.testing.assert_array_equal(res.idx, search(x, x, k, exclude_self=exclude_self, backend="torch")[1])
         np.testing.assert_array_equal(res.row_min, (x @ x.T).min(axis=1))
-    if block == 7:
-        assert count_paths["sparse"] > 0
 
 
+@pytest.mark.parametrize("block", [48, 128])
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_self_topk_same_with_one_or_two_threads(count_paths, exclude_self: bool) -> None:
-    # With more than one torch thread, a tile's rows and columns are pushed by two Python threads at once.
+def test_self_topk_same_with_one_or_two_threads(block: int, exclude_self: bool) -> None:
+    # With more than one torch thread, two workers take tiles in turn (GEMM and pushes), in no fixed order.
     x = _clustered(500, 16, seed=7)
     threads = torch.get_num_threads()
     results = []
     try:
         for n_threads in (1, 2):
             torch.set_num_threads(n_threads)
-            results.append(self_topk(x, 9, exclude_self=exclude_self, row_min=True, device="cpu", block_size=48))
+            results.append(self_topk(x, 9, exclude_self=exclude_self, row_min=True, device="cpu", block_size=block))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(results[0].idx, search(x, x, 9, exclude_self=exclude_self, backend="torch")[1])
-    assert count_paths["sparse"] > 20
 
 
-def test_self_topk_without_faiss_is_the_same(monkeypatch) -> None:
+def test_self_topk_without_numba_is_the_same(monkeypatch) -> None:
     x = _clustered(120, 8, seed=1)
     expected = self_topk(x, 6, row_min=True, device="cpu", block_size=16)
-    monkeypatch.setattr(arcfold.retrieval.self_knn, "faiss_available", lambda: False)
+    monkeypatch.setattr(arcfold.retrieval.self_knn, "numba_available", lambda: False)
     fallback = self_topk(x, 6, row_min=True, device="cpu", block_size=16)
     np.testing.assert_array_equal(expected.idx, fallback.idx)
     np.testing.assert_allclose(expected.sims, fallback.sims, rtol=0, atol=1e-6)
@@ -156,25 +139,90 @@ def test_doctests() -> None:
     assert doctest.testmod(arcfold.retrieval.self_knn).failed == 0
 
 
-def test_self_topk_keeps_torch_threads_for_the_gemm(monkeypatch) -> None:
-    # faiss and torch share one OpenMP runtime with a per-thread count: setting faiss to one thread in the calling
-    # thread made every tile's GEMM single-threaded. The GEMM must run with torch's own thread count.
-    pytest.importorskip("faiss")
+def test_self_topk_leaves_the_callers_openmp_threads(monkeypatch) -> None:
+    # faiss and torch share one OpenMP runtime whose thread count is per thread. self_topk's workers set theirs to
+    # one (each runs its own GEMMs); the caller's must stay as it was, or every later torch op in it runs on one
+    # thread (a regression of an earlier version, which set it in the calling thread). Each GEMM runs in a worker.
+    faiss = pytest.importorskip("faiss")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    seen = []
+    threads = []
     matmul = torch.matmul
 
     def recording(*args, **kwargs):
-        seen.append(torch.get_num_threads())
+        threads.append(threading.current_thread() is threading.main_thread())
         return matmul(*args, **kwargs)
 
     monkeypatch.setattr(torch, "matmul", recording)
     try:
+        openmp_before = faiss.omp_get_max_threads()
         x = _clustered(300, 16, seed=3)
         res = self_topk(x, 5, row_min=True, device="cpu", block_size=64)
-        assert seen and set(seen) == {2}
-        assert torch.get_num_threads() == 2  # and the caller's count is left as it was
+        assert faiss.omp_get_max_threads() == openmp_before == 2
+        assert torch.get_num_threads() == 2
+        assert threads and not any(threads)  # two workers did the GEMMs
     finally:
         torch.set_num_threads(before)
     np.testing.assert_array_equal(res.idx, search(x, x, 5, backend="torch", device="cpu")[1])
+
+
+@pytest.mark.parametrize("columns", [False, True])
+@pytest.mark.parametrize(("r", "c", "k"), [(96, 200, 5), (64, 128, 21), (33, 7, 3)])
+def test_kernels_leave_the_heaps_faiss_leaves(r: int, c: int, k: int, columns: bool) -> None:
+    # The compiled compare-and-push against faiss's own HeapArray::addn (the reference it replaced): the same values
+    # pushed in ascending index order, many of them tied (small integers), leave the same heap arrays, bit for bit.
+    faiss = pytest.importorskip("faiss")
+    from arcfold.retrieval import _kernels as kernels
+
+    rng = np.random.default_rng(r * c + k)
+    n_heaps, n_ids = (c, r) if columns else (r, c)
+    heap0, n = 11, 11 + n_heaps + 5  # the heaps at an offset inside larger arrays
+    ours_v = np.full((n, k), np.finfo(np.float32).min, dtype=np.float32)
+    ours_i = np.full((n, k), -1, dtype=np.int64)
+    ref_v, ref_i = ours_v.copy(), ours_i.copy()
+    heaps = faiss.float_minheap_array_t()
+    heaps.nh, heaps.k, heaps.val, heaps.ids = n, k, faiss.swig_ptr(ref_v), faiss.swig_ptr(ref_i)
+    heaps.heapify()
+    np.testing.assert_array_equal(ref_v, ours_v)  # faiss's empty heap is the one the kernels start from
+    np.testing.assert_array_equal(ref_i, ours_i)
+    thresholds = np.empty(c, dtype=np.float32)
+    for t in range(4):  # several tiles into the same heaps, later tiles holding later items (as self_topk's)
+        first_id = 10_000 - t * n_ids  # stored ids are reversed indices: ascending indices, descending ids
+        ids = np.arange(first_id, first_id - n_ids, -1, dtype=np.int64)  # (n_ids,) the ids the kernels compute
+        tile = rng.integers(-4, 5, size=(r, c)).astype(np.float32)
+        if columns:
+            kernels.push_columns(tile, ours_v, ours_i, heap0, first_id, np.full(c, np.inf, np.float32), thresholds)
+            by_heap = np.ascontiguousarray(tile.T)
+        else:
+            kernels.push_rows(tile, ours_v, ours_i, heap0, first_id)
+            by_heap = tile
+        heaps.addn_with_ids(n_ids, faiss.swig_ptr(by_heap), faiss.swig_ptr(ids), 0, heap0, n_heaps)
+        np.testing.assert_array_equal(ours_v, ref_v)
+        np.testing.assert_array_equal(ours_i, ref_i)
+    assert (ours_v[heap0 : heap0 + n_heaps] >= -4).all()  # every heap filled
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_heaps_keep_the_same_items_whatever_the_push_order(exclude_self: bool) -> None:
+    # Two workers push tiles in any order: the heaps keep the top k under (value, then lower index), so pushing the
+    # tiles in reverse must give the same result; integer vectors make many exact ties.
+    from arcfold.retrieval import _kernels as kernels
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2, 3, size=(300, 4)).astype(np.float32)
+    x[(x == 0).all(axis=1)] = 1.0
+    n, k, block = len(x), 7, 64
+    s = x @ x.T  # (n, n) exact: small integers
+    if exclude_self:
+        np.fill_diagonal(s, -np.inf)
+    vals = np.full((n, k), np.finfo(np.float32).min, dtype=np.float32)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    starts = list(range(0, n, block))
+    for i0 in reversed(starts):  # row blocks, and within each the tiles, last first
+        for j0 in reversed(starts):
+            tile = np.ascontiguousarray(s[i0 : i0 + block, j0 : j0 + block])
+            kernels.push_rows(tile, vals, ids, i0, n - 1 - j0)
+    order = np.lexsort((-ids, -vals), axis=1)
+    ref_s, ref_idx = _reference(x, k, exclude_self)
+    np.testing.assert_array_equal(n - 1 - np.take_along_axis(ids, order, axis=1), ref_idx)
+    np.testing.assert_array_equal(np.take_along_axis(vals, order, axis=1), ref_s.astype(np.float32))

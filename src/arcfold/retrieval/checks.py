@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "check_real"]
+__all__ = ["check_int", "check_real", "numba_available"]
 
 
 def check_int(value: Any, name: str, minimum: int) -> int:
@@ -22,3 +22,12 @@ def check_real(value: Any, name: str, lo: float, hi: float = math.inf) -> float:
     if not (lo <= float(value) <= hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
     return float(value)
+
+
+def numba_available() -> bool:
+    """Whether numba can be imported (the compiled kernels of :mod:`arcfold.retrieval._kernels`)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True

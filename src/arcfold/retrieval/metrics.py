@@ -42,9 +42,11 @@ MAP@R
 Two paths (``method``), same numbers
     *symmetric* (``"auto"``'s choice when every item is scored on the CPU): one
     :func:`arcfold.retrieval.self_knn.self_topk` pass over the set against itself, self excluded, with one ``k`` for
-    all rows: GEMM on (1024, 1024) tiles of the upper triangle only (half the multiply-adds of the square) and faiss
-    heaps fed only the similarities above each row's current k-th value. *chunked* (a ``query_subset``, a CUDA
-    device, or heaps over 1 GiB: N x k x 12 bytes): chunks of queries against all N items, torch top-k as above.
+    all rows: GEMM on (1024, 1024) tiles of the upper triangle only (half the multiply-adds of the square) and a
+    compiled (numba) compare-and-push of each tile into per-row heaps of the k largest. *chunked* (a
+    ``query_subset``, a CUDA device, or heaps over 1 GiB: N x k x 12 bytes): chunks of queries against all N items,
+    torch top-k as above.
+    *symmetric* needs numba (a requirement); without it ``"auto"`` takes *chunked*.
     Both apply the tie rule above (self_topk keeps the lower index among equal values, see its docstring), so each
     query gets the same ranked neighbours; a similarity may differ in the last float32 bit between the two GEMM
     shapes, which can only swap items within ~1e-7 of each other (none in the tests and benchmarks, where the
@@ -53,7 +55,7 @@ Two paths (``method``), same numbers
 Memory
     Chunked: only a ``(chunk_size, N)`` similarity block exists at any time, never the ``(N, N)`` matrix; the
     default chunk size keeps that block at about 256 MiB of float32. Symmetric: the (N, k) heaps (12 bytes an
-    entry: 168 MiB at 1M x k=14) and four 4 MiB tiles. Besides, the (N, D) float32 embeddings (plus a normalised
+    entry: 168 MiB at 1M x k=14) and two 4 MiB tiles. Besides, the (N, D) float32 embeddings (plus a normalised
     copy) and O(N) per-query results.
 """
 
@@ -66,6 +68,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from arcfold.retrieval.checks import numba_available
 from arcfold.retrieval.exact_knn import (
     as_float_matrix,
     knn,
@@ -74,7 +77,6 @@ from arcfold.retrieval.exact_knn import (
     rows_message,
     topk_chunk,
 )
-from arcfold.retrieval.search import faiss_available
 from arcfold.retrieval.self_knn import self_topk
 
 __all__ = ["DEFAULT_KS", "METHODS", "knn", "map_at_r", "recall_at_k", "retrieval_metrics"]
@@ -291,7 +293,8 @@ def retrieval_metrics(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if method == "auto":
-        symmetric = query_subset is None and dev.type == "cpu" and faiss_available() and n * k_all * 12 <= _HEAP_BYTES
+        heap_fits = n * k_all * 12 <= _HEAP_BYTES
+        symmetric = query_subset is None and dev.type == "cpu" and heap_fits and numba_available()
         method = "symmetric" if symmetric else "chunked"
     if method == "symmetric":
         if query_subset is not None or dev.type != "cpu":
