@@ -23,6 +23,9 @@ DEFERRED = {
     ("retrieval/search.py", "faiss"),
     ("retrieval/index_tuning.py", "faiss"),
     ("retrieval/self_knn.py", "faiss"),
+    ("retrieval/self_knn.py", "arcfold.retrieval.kernels"),
+    ("retrieval/postprocess.py", "arcfold.retrieval.kernels"),
+    ("retrieval/checks.py", "numba"),
     ("__main__.py", "arcfold.stages.cli"),
 }
 

@@ -172,7 +172,7 @@ def test_kernels_leave_the_heaps_faiss_leaves(r: int, c: int, k: int, columns: b
     # The compiled compare-and-push against faiss's own HeapArray::addn (the reference it replaced): the same values
     # pushed in ascending index order, many of them tied (small integers), leave the same heap arrays, bit for bit.
     faiss = pytest.importorskip("faiss")
-    from arcfold.retrieval import _kernels as kernels
+    import arcfold.retrieval.kernels as kernels
 
     rng = np.random.default_rng(r * c + k)
     n_heaps, n_ids = (c, r) if columns else (r, c)
@@ -206,7 +206,7 @@ def test_kernels_leave_the_heaps_faiss_leaves(r: int, c: int, k: int, columns: b
 def test_heaps_keep_the_same_items_whatever_the_push_order(exclude_self: bool) -> None:
     # Two workers push tiles in any order: the heaps keep the top k under (value, then lower index), so pushing the
     # tiles in reverse must give the same result; integer vectors make many exact ties.
-    from arcfold.retrieval import _kernels as kernels
+    import arcfold.retrieval.kernels as kernels
 
     rng = np.random.default_rng(5)
     x = rng.integers(-2, 3, size=(300, 4)).astype(np.float32)

@@ -25,7 +25,7 @@ def check_real(value: Any, name: str, lo: float, hi: float = math.inf) -> float:
 
 
 def numba_available() -> bool:
-    """Whether numba can be imported (the compiled kernels of :mod:`arcfold.retrieval._kernels`)."""
+    """Whether numba can be imported (the compiled kernels of :mod:`arcfold.retrieval.kernels`)."""
     try:
         import numba  # noqa: F401
     except ImportError:

@@ -272,7 +272,7 @@ def _jaccard_weights(
 def _min_overlap(v: sp.csr_matrix, query_rows: np.ndarray, cand_rows: np.ndarray) -> np.ndarray:
     """``m[p, j] = sum_col min(V[query_rows[p], col], V[cand_rows[p, j], col])``; (Q, K) float64.
 
-    With numba: a compiled merge of each pair's two sorted rows (:func:`arcfold.retrieval._kernels.min_overlap`,
+    With numba: a compiled merge of each pair's two sorted rows (:func:`arcfold.retrieval.kernels.min_overlap`,
     the same float32 sums as the scipy path to the last bit), the pairs split over torch's thread count (the kernel
     releases the GIL). Without: scipy, in chunks of ``_KR_JACCARD_NNZ`` stored entries.
     """
@@ -294,22 +294,20 @@ def _min_overlap(v: sp.csr_matrix, query_rows: np.ndarray, cand_rows: np.ndarray
 
 def _min_overlap_compiled(v: sp.csr_matrix, query_rows: np.ndarray, cand_rows: np.ndarray) -> np.ndarray:
     """:func:`_min_overlap` by the numba kernel; (Q, K) float64."""
-    from arcfold.retrieval import _kernels
+    import arcfold.retrieval.kernels as kernels
 
-    n_queries, k = cand_rows.shape
-    rows_a = np.repeat(query_rows.astype(np.int64), k)  # (Q * K,)
-    rows_b = np.ascontiguousarray(cand_rows, dtype=np.int64).ravel()  # (Q * K,)
-    out = np.empty(n_queries * k, dtype=np.float64)
-    indptr, indices = v.indptr.astype(np.int64), v.indices.astype(np.int64)
-    data = np.ascontiguousarray(v.data, dtype=np.float32)
-    bounds = np.linspace(0, len(out), torch.get_num_threads() + 1).astype(np.int64)  # one slice of pairs a thread
+    query_rows = np.ascontiguousarray(query_rows, dtype=np.int64)  # (Q,)
+    cand_rows = np.ascontiguousarray(cand_rows, dtype=np.int64)  # (Q, K)
+    out = np.empty(cand_rows.shape, dtype=np.float64)  # (Q, K)
+    csr = v.indptr.astype(np.int64), v.indices.astype(np.int64), np.ascontiguousarray(v.data, dtype=np.float32)
+    bounds = np.linspace(0, len(out), torch.get_num_threads() + 1).astype(np.int64)  # a slice of queries a thread
     with ThreadPoolExecutor(max_workers=len(bounds) - 1) as pool:
         for done in [
-            pool.submit(_kernels.min_overlap, indptr, indices, data, rows_a[a:b], rows_b[a:b], out[a:b])
+            pool.submit(kernels.min_overlap, *csr, query_rows[a:b], cand_rows[a:b], out[a:b])
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]:
             done.result()
-    return out.reshape(n_queries, k)
+    return out
 
 
 def k_reciprocal(

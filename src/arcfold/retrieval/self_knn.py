@@ -9,7 +9,7 @@ Method (CPU, with numba importable)
     tile (I, J) with J >= I serves the rows of I and, transposed, the rows of J, so the GEMM work is half of a
     square search. Selection keeps one heap of the k largest items per row, in faiss's layout
     (``HeapArray<CMin<float, int64>>``: two (n, k) arrays). Each side of a tile goes through a compiled
-    compare-and-push (:mod:`arcfold.retrieval._kernels`, numba): groups of 64 entries are tested against their
+    compare-and-push (:mod:`arcfold.retrieval.kernels`, numba): groups of 64 entries are tested against their
     heaps' smallest kept values with one SIMD count, and only a group with a candidate is walked and pushed
     (faiss's ``heap_replace_top``); after a row's first tiles, a few groups per tile. Row minima: torch ``amin``
     over a tile's rows, the column kernel over its columns. The numpy selection this replaced (a comparison,
@@ -129,7 +129,7 @@ def _heap_topk(
     x: np.ndarray, k: int, exclude_self: bool, block: int, row_min: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The tiled pass of the module docstring on the CPU; (n, k) float32 sims, (n, k) int64 idx, (n,) row minima."""
-    from arcfold.retrieval import _kernels as kernels
+    import arcfold.retrieval.kernels as kernels
 
     n = len(x)
     xt = torch.from_numpy(x)  # (n, D), shares memory

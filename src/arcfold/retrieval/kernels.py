@@ -216,33 +216,43 @@ def _pairwise_sum(a: np.ndarray, lo: int, n: int) -> np.float32:  # pragma: no c
 
 @njit(nogil=True, cache=True)
 def min_overlap(  # pragma: no cover - compiled
-    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray, out: np.ndarray
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    query_rows: np.ndarray,
+    cand_rows: np.ndarray,
+    out: np.ndarray,
 ) -> None:
-    """``out[p] = sum_j min(V[rows_a[p], j], V[rows_b[p], j])`` over the columns both rows hold, for a CSR matrix V
-    (``indptr``, sorted ``indices``, float32 ``data`` >= 0); ``rows_a``, ``rows_b``, ``out`` (P,). Summed as
-    ``a.minimum(b).sum(axis=1)`` sums in float32 (module docstring), then stored in ``out``'s dtype."""
+    """``out[p, j] = sum_col min(V[query_rows[p], col], V[cand_rows[p, j], col])`` over the columns both rows hold,
+    for a CSR matrix V (``indptr``, sorted ``indices``, float32 ``data`` >= 0); ``query_rows`` (Q,), ``cand_rows``
+    and ``out`` (Q, K). Summed as ``a.minimum(b).sum(axis=1)`` sums in float32 (module docstring), then stored in
+    ``out``'s dtype."""
     width = 0
     for row in range(len(indptr) - 1):
         width = max(width, indptr[row + 1] - indptr[row])
     minima = np.empty(width, dtype=np.float32)
-    for p in range(len(rows_a)):
-        i, i_end = indptr[rows_a[p]], indptr[rows_a[p] + 1]
-        j, j_end = indptr[rows_b[p]], indptr[rows_b[p] + 1]
-        m = 0
-        while i < i_end and j < j_end:
-            ci, cj = indices[i], indices[j]
-            if ci == cj:
-                value = min(data[i], data[j])
-                if value != 0:  # scipy keeps no explicit zero
-                    minima[m] = value
-                    m += 1
-                i += 1
-                j += 1
-            elif ci < cj:
-                i += 1
-            else:
-                j += 1
-        if m == 0:
-            out[p] = 0.0
-        else:  # reduceat: the first value, then the pairwise sum of the rest added to it
-            out[p] = minima[0] + _pairwise_sum(minima, 1, m - 1) if m > 1 else minima[0]
+    for p in range(cand_rows.shape[0]):
+        a0, a1 = indptr[query_rows[p]], indptr[query_rows[p] + 1]
+        for k in range(cand_rows.shape[1]):
+            i, i_end = a0, a1
+            j, j_end = indptr[cand_rows[p, k]], indptr[cand_rows[p, k] + 1]
+            m = 0
+            while i < i_end and j < j_end:
+                ci, cj = indices[i], indices[j]
+                if ci == cj:
+                    value = min(data[i], data[j])
+                    if value != 0:  # scipy keeps no explicit zero
+                        minima[m] = value
+                        m += 1
+                    i += 1
+                    j += 1
+                elif ci < cj:
+                    i += 1
+                else:
+                    j += 1
+            if m == 0:
+                out[p, k] = 0.0
+            elif m == 1:
+                out[p, k] = minima[0]
+            else:  # reduceat: the first value, then the pairwise sum of the rest added to it
+                out[p, k] = minima[0] + _pairwise_sum(minima, 1, m - 1)
