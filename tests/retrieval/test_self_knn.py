@@ -200,6 +200,10 @@ def test_kernels_leave_the_heaps_faiss_leaves(r: int, c: int, k: int, columns: b
         np.testing.assert_array_equal(ours_v, ref_v)
         np.testing.assert_array_equal(ours_i, ref_i)
     assert (ours_v[heap0 : heap0 + n_heaps] >= -4).all()  # every heap filled
+    kernels.sort_heaps(ours_v, ours_i)  # in place, as faiss's reorder
+    heaps.reorder()
+    np.testing.assert_array_equal(ours_v, ref_v)
+    np.testing.assert_array_equal(ours_i, ref_i)
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])

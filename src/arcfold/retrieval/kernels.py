@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["GROUP", "min_overlap", "push_columns", "push_rows", "replace_top"]
+__all__ = ["GROUP", "min_overlap", "push_columns", "push_rows", "replace_top", "sort_heaps"]
 
 # numpy's pairwise summation: blocks of at most this many values are summed with 8 accumulators.
 _PAIRWISE_BLOCK = 128
@@ -150,6 +150,24 @@ def push_columns(  # pragma: no cover - compiled
             heap = heap0 + j
             if _beats_root(vals[heap], ids[heap], row[j], first_id - i):
                 replace_top(vals[heap], ids[heap], row[j], first_id - i)
+
+
+@njit(nogil=True, cache=True)
+def sort_heaps(vals: np.ndarray, ids: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Sort every row of the heaps (``vals``, ``ids``), both (n, k), in place: descending value, then descending id
+    (the order faiss's ``HeapArray::reorder`` leaves); an insertion sort per row (k is small), no extra memory."""
+    n, k = vals.shape
+    for row in range(n):
+        v, d = vals[row], ids[row]
+        for i in range(1, k):
+            value, idx = v[i], d[i]
+            j = i - 1
+            while j >= 0 and (v[j] < value or (v[j] == value and d[j] < idx)):
+                v[j + 1] = v[j]
+                d[j + 1] = d[j]
+                j -= 1
+            v[j + 1] = value
+            d[j + 1] = idx
 
 
 @njit(nogil=True, cache=True)
