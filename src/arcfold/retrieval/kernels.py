@@ -1,7 +1,7 @@
 """Compiled (numba) kernels of the retrieval layer: the only module that imports numba.
 
 * :func:`push_rows`, :func:`push_columns`: compare-and-push of a similarity tile into per-row top-k heaps, for
-  :func:`arcfold.retrieval.self_knn.self_topk`.
+  :func:`arcfold.retrieval.self_knn.self_topk`; :func:`sort_heaps` sorts the heaps in place at the end.
 * :func:`min_overlap`: ``sum_j min(V[p, j], V[g, j])`` of pairs of rows of a sparse matrix, for k-reciprocal
   re-ranking (:mod:`arcfold.retrieval.postprocess`).
 
