@@ -191,7 +191,8 @@ def test_kernels_leave_the_heaps_faiss_leaves(r: int, c: int, k: int, columns: b
         ids = np.arange(first_id, first_id - n_ids, -1, dtype=np.int64)  # (n_ids,) the ids the kernels compute
         tile = rng.integers(-4, 5, size=(r, c)).astype(np.float32)
         if columns:
-            kernels.push_columns(tile, ours_v, ours_i, heap0, first_id, np.full(c, np.inf, np.float32), thresholds)
+            column_mins = np.full(c, np.inf, np.float32)
+            kernels.push_columns(tile, ours_v, ours_i, heap0, first_id, column_mins, thresholds, True)
             by_heap = np.ascontiguousarray(tile.T)
         else:
             kernels.push_rows(tile, ours_v, ours_i, heap0, first_id)

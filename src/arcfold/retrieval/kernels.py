@@ -120,12 +120,14 @@ def push_columns(  # pragma: no cover - compiled
     first_id: int,
     mins: np.ndarray,
     thresholds: np.ndarray,
+    with_mins: bool,
 ) -> None:
     """Push every entry of ``tile`` (r, c) into the heap of its column: column j -> heap ``heap0 + j``, row i -> id
     ``first_id - i``; an entry enters when it is above the heap's root in the order (value, then id). Row by row:
     the vectorised passes read the tile in memory order.
 
-    ``mins`` (c,): lowered to each column's smallest entry. ``thresholds``: a (>= c,) float32 work buffer.
+    ``mins`` (c,): lowered to each column's smallest entry when ``with_mins``. ``thresholds``: a (>= c,) float32
+    work buffer.
     """
     r, c = tile.shape
     whole = c - c % GROUP
@@ -133,8 +135,9 @@ def push_columns(  # pragma: no cover - compiled
         thresholds[j] = vals[heap0 + j, 0]
     for i in range(r):
         row = tile[i]
-        for j in range(c):  # element-wise (a select, not a reduction): vectorised
-            mins[j] = row[j] if row[j] < mins[j] else mins[j]
+        if with_mins:
+            for j in range(c):  # element-wise (a select, not a reduction): vectorised
+                mins[j] = row[j] if row[j] < mins[j] else mins[j]
         for g0 in range(0, whole, GROUP):
             group, group_thresholds = row[g0 : g0 + GROUP], thresholds[g0 : g0 + GROUP]
             candidates = 0

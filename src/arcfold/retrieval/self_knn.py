@@ -161,13 +161,14 @@ def _heap_topk(
                     tile.copy_(edge_buf[i0 - a0 :, j0 - b0 :])
                 s = tile.numpy()  # (r, c)
                 with locks[i0]:
-                    np.minimum(mins[i0:i1], tile.amin(dim=1).numpy(), out=mins[i0:i1])
+                    if row_min:
+                        np.minimum(mins[i0:i1], tile.amin(dim=1).numpy(), out=mins[i0:i1])
                     if j0 == i0 and exclude_self:
                         np.fill_diagonal(s, -np.inf)  # never selected: k <= n - 1 finite values remain per row
                     kernels.push_rows(s, vals, rev_ids, i0, n - 1 - j0)
                 if j0 != i0:  # a diagonal tile holds both orders of each of its pairs already
                     with locks[j0]:
-                        kernels.push_columns(s, vals, rev_ids, j0, n - 1 - i0, mins[j0:j1], thresholds)
+                        kernels.push_columns(s, vals, rev_ids, j0, n - 1 - i0, mins[j0:j1], thresholds, row_min)
 
     n_workers = min(2, torch.get_num_threads(), len(tiles))
     if n_workers == 1:
