@@ -73,6 +73,8 @@ VARIANTS = {  # row -> overrides on top of the config (one key per row: the row 
     # study round 4 (omniglot_defaults_study.md): the two largest gains on fold 0, measured on every fold
     "subcenter": ["head.name=subcenter_arcface", "head.subcenters=3"],  # 3 class centres per class
     "batch16": ["train.batch_size=16"],  # twice batch 32's steps for the same images
+    # re-ID's "last stride 1" (timm's output_stride=16: the last stage dilated, a 4 x 4 map at 64 px instead of 2 x 2)
+    "os16": ["model.output_stride=16"],
     # the defaults before the study's round 3 (omniglot_defaults_study.md), pinned: Linear-BN neck, batch 64,
     # warm-up from lr / 100 and cosine to lr / 100
     "previous": [
@@ -210,6 +212,11 @@ def render(result: dict) -> str:
         "",
         f"`{result['command']}`; {result['cpus']} CPUs, load average before {result['loadavg_before']}, after "
         f"{result['loadavg_after']}; {result['minutes']:.1f} min. Per-step load averages and times in the JSON.",
+        *(
+            [f"Rows kept from earlier runs (`--keep-previous`; each row's command in the JSON): {result['kept_rows']}."]
+            if result.get("kept_rows")
+            else []
+        ),
         "",
         f"3 folds of 2 alphabets (validation: 2 alphabets never trained on), test split {result['test_groups']} "
         f"({result['n_test']} images, never trained, validated or selected on); resnet18 from random init, 64 px, "
@@ -281,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
         "--reference-batch", type=int, default=None, help="also train the reference loop at this batch size"
     )
     parser.add_argument("--seed", type=int, default=0, help="S > 0: a replicate of every row with other seeds")
+    parser.add_argument(
+        "--keep-previous", action="store_true", help="keep the results file's rows that this run does not make"
+    )
     args = parser.parse_args(argv)
     if args.seed < 0 or (args.seed and {"two_stage", "full"} & set(args.rows.split(","))):
         parser.error("--seed is a positive integer, for VARIANTS rows only (not two_stage or full)")
@@ -332,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"omniglot_seed{args.seed}" if args.seed else "omniglot"
+    if args.keep_previous and (RESULTS / f"{stem}.json").exists():
+        previous = json.loads((RESULTS / f"{stem}.json").read_text())
+        kept = {
+            name: {"command": previous["command"], **row} for name, row in previous["rows"].items() if name not in rows
+        }
+        result["rows"] = {**kept, **rows}
+        result["kept_rows"] = sorted(kept)
     text = render(result)
     if args.seed and (RESULTS / "omniglot.json").exists():
         result["seed_mean"] = seed_mean(json.loads((RESULTS / "omniglot.json").read_text()), result)

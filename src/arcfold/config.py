@@ -102,6 +102,9 @@ class ModelConfig:
     neck: str = "linear_bn_prelu"  # gp | gp_bn | dp_gp | bn_gp | bn_dp_gp_bn | linear_bn | linear_bn_prelu
     embedding_size: int = 512
     drop_rate: float = 0.0  # dropout: before the linear layer (linear necks) or where the neck names it (dp)
+    # timm's output_stride (8, 16 or 32; null: the backbone's own, 32 for ResNets): 16 keeps the last stage at twice
+    # the resolution (dilated instead of strided, same weights: re-ID's "last stride 1"); ~1.6x a resnet18's FLOPs
+    output_stride: int | None = None
     # multi-stage fine-tuning: a fresh fold starts from this arcfold checkpoint (backbone, pooling, neck; the head
     # too when it has the same head.name and classes), "{fold}" replaced by the fold trained, e.g.
     # models/omniglot_arcface/fold{fold}.pt. Only the same fold of the same fold file is accepted (another fold's
@@ -401,6 +404,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
         problems.append("folds.test_fraction and folds.test_groups both set: hold out the test split one way only")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         problems.append(f"data.hflip is a probability in [0, 1] (got {cfg.data.hflip})")
+    if cfg.model.output_stride not in (None, 8, 16, 32):
+        problems.append(f"model.output_stride is 8, 16, 32 or null (got {cfg.model.output_stride})")
     if cfg.head.subcenters < 1:
         problems.append(f"head.subcenters must be at least 1 (got {cfg.head.subcenters})")
     m = cfg.sampler.m_per_class

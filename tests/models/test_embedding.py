@@ -135,3 +135,29 @@ def test_neck_errors_name_the_fix():
         build_model(_cfg("model.neck=dp_gp", "model.embedding_size=512").model)
     with pytest.raises(ValueError, match="unknown"):
         build_model(_cfg("model.neck=option_d").model)
+
+
+def test_output_stride_keeps_the_weights_and_doubles_the_last_map(tmp_path):
+    default = build_model(_cfg().model).eval()
+    cfg = _cfg("model.output_stride=16")
+    dilated = build_model(cfg.model).eval()
+    # the same parameters (a checkpoint or pretrained file of the plain backbone loads), a 2x larger last map
+    shapes = {k: v.shape for k, v in default.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in dilated.state_dict().items()}
+    dilated.load_state_dict(default.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    assert default.forward_features(x).shape[-2:] == (2, 2) and dilated.forward_features(x).shape[-2:] == (4, 4)
+    # the stages before the last are strided as before: their output is the default model's exactly
+    b0, b1 = default.backbone, dilated.backbone
+    stem = lambda b: b.layer3(b.layer2(b.layer1(b.maxpool(b.act1(b.bn1(b.conv1(x)))))))  # noqa: E731
+    torch.testing.assert_close(stem(b1), stem(b0))
+    # the key travels with the checkpoint
+    torch.save(embedding_checkpoint(dilated, cfg, fold=0), tmp_path / "fold0.pt")
+    loaded, loaded_cfg, _ = load_embedding_model(tmp_path / "fold0.pt")
+    assert loaded_cfg.model.output_stride == 16
+    torch.testing.assert_close(loaded(x), dilated(x))
+
+
+def test_output_stride_error_names_the_values():
+    with pytest.raises(ValueError, match=r"model.output_stride is 8, 16, 32 or null \(got 12\)"):
+        _cfg("model.output_stride=12")

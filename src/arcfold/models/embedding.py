@@ -45,6 +45,8 @@ CHECKPOINT_FORMAT = "arcfold.embedding/1"
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """timm backbone without classifier or pooling; weights from timm, a local file, or random."""
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
+    if cfg.output_stride is not None:  # timm dilates the last stages instead of striding (same weights)
+        kwargs["output_stride"] = cfg.output_stride
     if cfg.pretrained_path:
         path = Path(cfg.pretrained_path)
         if not path.is_file():
