@@ -14,8 +14,9 @@ too.
 Rows (``--rows``, each through the real command lines, so a row is exactly what a user gets):
 
 - ``arcfold``: ``bash train_fold.sh 0..2 CONFIG`` then ``python -m arcfold test``;
-- ``ema``, ``previous``, ``subcenter``, ``batch16``: the same with the overrides in ``VARIANTS`` (``previous``: the
-  defaults before the study's round 3, pinned; ``subcenter``, ``batch16``: round 4's candidates, not adopted);
+- ``ema``, ``previous``, ``subcenter``, ``batch16``, ``os16``: the same with the overrides in ``VARIANTS``
+  (``previous``: the defaults before the study's round 3, pinned; ``subcenter``, ``batch16``: round 4's candidates,
+  not adopted; ``os16``: round 5's ``model.output_stride=16``);
 - ``two_stage``: ``STAGE1_EPOCHS`` epochs at 64 px, then ``model.init_from=models/<stage 1>/fold{fold}.pt`` at 96 px
   for the remaining epochs (same number of images seen as the 10-epoch rows);
 - ``full``: ``bash train_fold.sh full CONFIG`` (one model on all 3 folds' rows, never the test split) for the
@@ -27,6 +28,10 @@ different (seeded), but the table says so.
 
     python benchmarks/omniglot.py [--config configs/omniglot_arcface.yaml] [--rows arcfold,ema,two_stage,full]
     python benchmarks/omniglot.py --rows arcfold --seed 1      # a seed replicate of both sides
+    python benchmarks/omniglot.py --rows os16 --keep-previous  # add a row, keep the file's other rows
+
+Sensitivity rows (the reference loop with one of arcfold's settings, never the reference): ``--reference-at-lr``,
+``--reference-batch``, ``--reference-output-stride``.
 
 Writes ``benchmarks/results/omniglot.json`` and ``.md``. ``--seed S`` (S > 0) is a replicate with other seeds on both
 sides (arcfold ``train.seed`` 42 + 1000 S, plus the fold as always; the reference's seed fold + 1000 S), in
@@ -121,20 +126,29 @@ def pml_check(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"recall@1": float(acc["precision_at_1"]), "map@r": float(acc["mean_average_precision_at_r"])}
 
 
-def reference_folds(cfg, force: bool, lr: float | None = None, batch: int = REFERENCE_BATCH, seed: int = 0) -> dict:
+def reference_folds(
+    cfg,
+    force: bool,
+    lr: float | None = None,
+    batch: int = REFERENCE_BATCH,
+    seed: int = 0,
+    output_stride: int | None = None,
+) -> dict:
     """Train the reference on every fold (cached in oof/bench_reference/), score its OOF and the test split.
 
     ``lr``: the recipe's learning rates (1e-3, 1e-2 for the centres) replaced by ``lr`` and 10 x ``lr`` (cached in
     oof/bench_reference_lr<lr>/); ``batch`` other than the recipe's 64: cached in oof/bench_reference_b<batch>/.
-    Both are sensitivity rows (the loop with one of arcfold's settings), not the reference. ``seed`` S > 0: the
+    ``output_stride`` (timm's, e.g. 16): cached in oof/bench_reference_os<S>/. All three are sensitivity rows (the
+    loop with one of arcfold's settings), not the reference. ``seed`` S > 0: the
     replicate's seeds (fold + 1000 S), cached with the suffix ``_seed<S>``.
     """
     df = load_folds(cfg.folds_path)
     root = image_root(cfg.data)
     name = "bench_reference" + ("" if lr is None else f"_lr{lr:g}") + ("" if batch == REFERENCE_BATCH else f"_b{batch}")
-    name += f"_seed{seed}" if seed else ""
+    name += ("" if output_stride is None else f"_os{output_stride}") + (f"_seed{seed}" if seed else "")
     out = ROOT / cfg.paths.oof_dir / name
     rates = {} if lr is None else {"lr": lr, "head_lr": 10 * lr}
+    rates |= {} if output_stride is None else {"output_stride": output_stride}
     test = df[df[FOLD] == TEST_FOLD]
     x_test = load_images(resolve_image_paths(test, root), cfg.data.image_size)
     folds, test_emb = [], {}
@@ -287,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference-batch", type=int, default=None, help="also train the reference loop at this batch size"
     )
+    parser.add_argument(
+        "--reference-output-stride", type=int, default=None, help="also train the reference loop at this output_stride"
+    )
     parser.add_argument("--seed", type=int, default=0, help="S > 0: a replicate of every row with other seeds")
     parser.add_argument(
         "--keep-previous", action="store_true", help="keep the results file's rows that this run does not make"
@@ -323,6 +340,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_batch:
         sensitivity = reference_folds(cfg, args.force, batch=args.reference_batch, seed=args.seed)
         rows[f"plain loop at batch {args.reference_batch}"] = {"overrides": [], "sensitivity": True, **sensitivity}
+    if args.reference_output_stride:
+        stride = args.reference_output_stride
+        sensitivity = reference_folds(cfg, args.force, seed=args.seed, output_stride=stride)
+        rows[f"plain loop at output_stride {stride}"] = {"overrides": [], "sensitivity": True, **sensitivity}
     df = load_folds(cfg.folds_path)
     test = df[df[FOLD] == TEST_FOLD]
     result = {

@@ -46,9 +46,10 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
 
 
 class ReferenceNet(nn.Module):
-    def __init__(self, backbone: str = "resnet18", dim: int = 512) -> None:
+    def __init__(self, backbone: str = "resnet18", dim: int = 512, output_stride: int | None = None) -> None:
         super().__init__()
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        extra = {} if output_stride is None else {"output_stride": output_stride}  # a sensitivity row's, not the recipe
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, **extra)
         self.neck = nn.Sequential(nn.Linear(self.backbone.num_features, dim), nn.BatchNorm1d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,12 +67,13 @@ def train_reference(
     shift: int = 4,
     seed: int = 0,
     backbone: str = "resnet18",
+    output_stride: int | None = None,
     on_epoch_end=None,
 ) -> ReferenceNet:
     """Train the reference on images ``x`` (N, 3, H, W) with integer labels ``y`` (N,) in 0..C-1."""
     torch.manual_seed(seed)
     n_classes = int(y.max()) + 1
-    model = ReferenceNet(backbone)
+    model = ReferenceNet(backbone, output_stride=output_stride)
     loss_fn = ArcFaceLoss(n_classes, 512, margin=28.6, scale=30)
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": lr}, {"params": loss_fn.parameters(), "lr": head_lr}])
     loader = torch.utils.data.DataLoader(
