@@ -65,12 +65,16 @@ def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(
-    stored: dict[str, Any], cfg: ExperimentConfig, may_differ: tuple[str, ...], stored_keys_only: bool = False
+    stored: dict[str, Any], cfg: ExperimentConfig, may_differ: tuple[str, ...]
 ) -> list[tuple[str, Any, Any]]:
-    """``(key, stored value, value now)`` of every dotted key that differs, except ``may_differ``; with
-    ``stored_keys_only`` keys the stored config does not have (written before the key existed) are not compared."""
-    before, now = _flat(stored), _flat(config_to_dict(cfg))
-    keys = before.keys() if stored_keys_only else before.keys() | now.keys()
+    """``(key, stored value, value now)`` of every dotted key that differs, except ``may_differ``.
+
+    A key the stored config does not have (it was written before the key existed) counts at the key's default: a
+    new key's default keeps the code's former behaviour, so a run that sets it otherwise differs (and one that
+    leaves it at its default does not)."""
+    defaults = _flat(config_to_dict(ExperimentConfig()))
+    before, now = {**defaults, **_flat(stored)}, _flat(config_to_dict(cfg))
+    keys = before.keys() | now.keys()
     return [(k, before.get(k), now.get(k)) for k in sorted(keys) if before.get(k) != now.get(k) and k not in may_differ]
 
 
@@ -102,7 +106,7 @@ def check_same_experiment(cfg: ExperimentConfig, own_config: Path, force: bool) 
     """Refuse a run whose config changes the result compared with the experiment's finished runs (each fold's
     ``oof/<exp>/fold<K>.config.yaml``, the full fit's ``models/<exp>/full.config.yaml``): their outputs would mix
     two experiments in one folder. ``own_config`` is this run's own file, not compared when ``force`` retrains it.
-    :data:`SAME_EXPERIMENT_MAY_DIFFER` may differ; keys a stored config does not have are not compared."""
+    :data:`SAME_EXPERIMENT_MAY_DIFFER` may differ; a key a stored config does not have counts at its default."""
     stored_paths = sorted(cfg.oof_dir.glob("fold*.config.yaml")) + [cfg.models_dir / "full.config.yaml"]
     for path in stored_paths:
         if not path.is_file() or (force and path == own_config):
@@ -113,7 +117,7 @@ def check_same_experiment(cfg: ExperimentConfig, own_config: Path, force: bool) 
             raise CorruptFileError(
                 f"{path}: not a readable config ({e}); retrain that fold: train.force=true"
             ) from None
-        differ = config_differences(stored or {}, cfg, SAME_EXPERIMENT_MAY_DIFFER, stored_keys_only=True)
+        differ = config_differences(stored or {}, cfg, SAME_EXPERIMENT_MAY_DIFFER)
         if differ:
             raise ArtifactExistsError(
                 f"experiment '{cfg.name}' was trained with another config ({path}: {_detail(differ)}); a run that "
