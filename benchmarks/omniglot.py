@@ -147,8 +147,8 @@ def reference_folds(
     name = "bench_reference" + ("" if lr is None else f"_lr{lr:g}") + ("" if batch == REFERENCE_BATCH else f"_b{batch}")
     name += ("" if output_stride is None else f"_os{output_stride}") + (f"_seed{seed}" if seed else "")
     out = ROOT / cfg.paths.oof_dir / name
-    rates = {} if lr is None else {"lr": lr, "head_lr": 10 * lr}
-    rates |= {} if output_stride is None else {"output_stride": output_stride}
+    options = {} if lr is None else {"lr": lr, "head_lr": 10 * lr}
+    options |= {} if output_stride is None else {"output_stride": output_stride}
     test = df[df[FOLD] == TEST_FOLD]
     x_test = load_images(resolve_image_paths(test, root), cfg.data.image_size)
     folds, test_emb = [], {}
@@ -162,7 +162,7 @@ def reference_folds(
             y = torch.from_numpy(np.searchsorted(classes, tr[LABEL].to_numpy()))
             before, t0 = loadavg(), time.time()
             print(f"\nreference fold {k}: {len(tr)} training images, {len(classes)} classes", flush=True)
-            model = train_reference(x, y, epochs=cfg.train.epochs, batch_size=batch, seed=k + 1000 * seed, **rates)
+            model = train_reference(x, y, epochs=cfg.train.epochs, batch_size=batch, seed=k + 1000 * seed, **options)
             seconds = time.time() - t0
             x_val = load_images(resolve_image_paths(va, root), cfg.data.image_size)
             save_npz(path, val=embed(model, x_val), test=embed(model, x_test))

@@ -10,9 +10,14 @@ from arcfold.errors import ArtifactExistsError
 from arcfold.training.state import check_resume_config, check_same_experiment
 
 
+def _cfg(tmp_path, *overrides: str):
+    base = ["name=exp", f"paths.oof_dir={tmp_path / 'oof'}", f"paths.models_dir={tmp_path / 'm'}"]
+    return load_config(None, [*base, *overrides])
+
+
 def _stored_without(tmp_path, *keys: str):
     """``oof/exp/fold0.config.yaml`` as a version of arcfold without ``keys`` wrote it (the default config)."""
-    cfg = load_config(None, ["name=exp", f"paths.oof_dir={tmp_path / 'oof'}", f"paths.models_dir={tmp_path / 'm'}"])
+    cfg = _cfg(tmp_path)
     stored = config_to_dict(cfg)
     for key in keys:
         section, leaf = key.split(".")
@@ -20,11 +25,6 @@ def _stored_without(tmp_path, *keys: str):
     cfg.oof_dir.mkdir(parents=True)
     (cfg.oof_dir / "fold0.config.yaml").write_text(yaml.safe_dump(stored))
     return stored
-
-
-def _cfg(tmp_path, *overrides: str):
-    base = ["name=exp", f"paths.oof_dir={tmp_path / 'oof'}", f"paths.models_dir={tmp_path / 'm'}"]
-    return load_config(None, [*base, *overrides])
 
 
 def test_a_key_the_stored_config_lacks_counts_at_its_default(tmp_path):
