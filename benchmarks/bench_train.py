@@ -62,7 +62,7 @@ LOOPS = ("arcfold", "arcfold_per_image", "bare", "bare_shift", "bare_foreach")
 TARGET = 0.95
 
 
-def setup(fold: int = 0) -> dict:
+def setup(overrides: list[str], fold: int = 0) -> dict:
     """Config, the two arcfold data paths, and three identical (model, head, optimiser) copies: one for the arcfold
     loops, one for the bare loops, one for the bare loop with the foreach optimizer."""
     import copy
@@ -81,7 +81,7 @@ def setup(fold: int = 0) -> dict:
     from arcfold.training.loop import build_train_collate
     from arcfold.training.schedule import build_optimizer
 
-    cfg = load_config(CONFIG, ["name=bench_train", "train.progress=false"])
+    cfg = load_config(CONFIG, ["name=bench_train", "train.progress=false", *overrides])
     ensure_dataset(cfg)
     ensure_folds(cfg)
     folds_df = load_folds(cfg.folds_path)
@@ -255,7 +255,7 @@ def bare_data(s: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def worker(args: dict) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
-    s = setup()
+    s = setup(args["set"])
     data = bare_data(s) if args["impl"].startswith("bare") else {}
     if not data:
         fill_caches(s)  # fill the cache before the clock, as the main run does
@@ -269,15 +269,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=240)
     p.add_argument("--round-batches", type=int, default=1)
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        help=f"config overrides on top of {CONFIG} (e.g. model.output_stride=null); the results then go to "
+        "bench_train_<--name>",
+    )  # fmt: skip
+    p.add_argument("--name", default="", help="suffix of the results' name when --set is given")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.set and not a.name:
+        p.error("--set needs --name (the results of the defaults are bench_train's)")
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
         return
 
     cuda_available(NAME)
     torch.set_num_threads(os.cpu_count() or 1)
-    s = setup()
+    s = setup(a.set)
     data = bare_data(s)
     fill_caches(s)  # before any timing
     for name in LOOPS:  # warm-up
@@ -292,13 +300,15 @@ def main() -> None:
         name: float(np.median([data_only_round(s, name, a.round_batches) for _ in range(3)]))
         for name in ("arcfold", "arcfold_per_image")
     }
-    memory = {impl: run_worker(__file__, {"impl": impl, "batches": a.round_batches}) for impl in LOOPS}
+    memory = {impl: run_worker(__file__, {"impl": impl, "batches": a.round_batches, "set": a.set}) for impl in LOOPS}
     cfg = s["cfg"]
     payload = summarise(rates, data_s, bs)
     payload = {
         **payload,
         "machine": machine(),
         "config": CONFIG,
+        "overrides": a.set,
+        "output_stride": cfg.model.output_stride,
         "augment": cfg.data.augment,
         "n_train_images": len(s["paths"]),
         "image_size": cfg.data.image_size,
@@ -311,7 +321,7 @@ def main() -> None:
         "cuda": "skipped: " + NO_GPU,
     }
     print(f"[{NAME}] ratios {payload['ratios']}; profile {payload['profile']}")
-    write_results(NAME, payload, markdown(payload, a))
+    write_results(f"{NAME}_{a.name}" if a.set else NAME, payload, markdown(payload, a))
 
 
 def summarise(rates: dict[str, list[float]], data_s: dict[str, float], bs: int) -> dict:
@@ -363,6 +373,7 @@ def markdown(pl: dict, a: argparse.Namespace) -> str:
         "bare_foreach": "bare loop as `bare`, the optimizer torch's foreach Adam (arcfold's before it was fused)",
     }
     quart = pl["ratio_quartiles"]
+    who = "arcfold with these overrides" if pl["overrides"] else "arcfold's default"
 
     def r(key: str) -> str:
         return f"{ratios[key]:.3f} ({quart[key][0]:.3f}-{quart[key][1]:.3f})"
@@ -380,13 +391,18 @@ def markdown(pl: dict, a: argparse.Namespace) -> str:
     ]
     return "\n".join(
         [
-            "## Training throughput: `train_one_epoch` on the real data path vs bare loops on preloaded tensors",
+            "## Training throughput: `train_one_epoch` on the real data path vs bare loops on preloaded tensors"
+            + (f" ({' '.join(a.set)})" if a.set else ""),
             "",
-            f"Command: `python benchmarks/bench_train.py --rounds {a.rounds} --round-batches {a.round_batches}`  ",
+            f"Command: `python benchmarks/bench_train.py --rounds {a.rounds} --round-batches {a.round_batches}"
+            + (f" --set {' '.join(a.set)} --name {a.name}" if a.set else "")
+            + "`  ",
             f"Machine: {machine_line(pl['machine'])}  ",
             f"GPU: {NO_GPU}; CUDA fp16/bf16 rows skipped.",
             "",
-            f"Same model, head and optimiser (fused Adam; `{pl['config']}`: resnet18, {pl['image_size']} px, batch "
+            f"Same model, head and optimiser (fused Adam; `{pl['config']}`"
+            + (f" with {', '.join(pl['overrides'])}" if pl["overrides"] else "")
+            + f": resnet18, output_stride {pl['output_stride'] or 32}, {pl['image_size']} px, batch "
             f"{pl['batch_size']}, augmentation `{pl['augment']}`, {pl['n_train_images']} fold-0 training images; "
             f"num_workers={pl['num_workers']}, channels_last={pl['channels_last']}). Alternating rounds "
             f"({pl['rounds']} x {pl['round_batches']} batches, the loops' order rotated each round), one process; "
@@ -398,7 +414,7 @@ def markdown(pl: dict, a: argparse.Namespace) -> str:
             "|---|---|---|---|---|---|",
             *rows,
             "",
-            f"Target: arcfold's default >= {TARGET}x the bare loop: {verdict} (ratio of the best rounds "
+            f"Target: {who} >= {TARGET}x the bare loop: {verdict} (ratio of the best rounds "
             f"{pl['ratio_of_best_rounds']:.3f}).",
             "",
             "ms per batch (best rounds): each arcfold data path alone (cached images, per-image work, collate, and the "

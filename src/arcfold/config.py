@@ -105,6 +105,9 @@ class ModelConfig:
     # timm's output_stride (8, 16 or 32; null: the backbone's own, 32 for ResNets): 16 keeps the last stage at twice
     # the resolution (dilated instead of strided, same weights: re-ID's "last stride 1"); ~1.6x a resnet18's FLOPs
     output_stride: int | None = None
+    # timm's stochastic depth: each residual block's branch dropped with a probability rising linearly to this rate
+    # over the depth (0 = off; typical 0.05-0.2)
+    drop_path_rate: float = 0.0
     # multi-stage fine-tuning: a fresh fold starts from this arcfold checkpoint (backbone, pooling, neck; the head
     # too when it has the same head.name and classes), "{fold}" replaced by the fold trained, e.g.
     # models/omniglot_arcface/fold{fold}.pt. Only the same fold of the same fold file is accepted (another fold's
@@ -404,6 +407,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
         problems.append("folds.test_fraction and folds.test_groups both set: hold out the test split one way only")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         problems.append(f"data.hflip is a probability in [0, 1] (got {cfg.data.hflip})")
+    if not 0.0 <= cfg.model.drop_path_rate < 1.0:
+        problems.append(f"model.drop_path_rate is in [0, 1) (got {cfg.model.drop_path_rate})")
     if cfg.model.output_stride not in (None, 8, 16, 32):
         problems.append(f"model.output_stride is 8, 16, 32 or null (got {cfg.model.output_stride})")
     if cfg.head.subcenters < 1:

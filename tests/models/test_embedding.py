@@ -161,3 +161,25 @@ def test_output_stride_keeps_the_weights_and_doubles_the_last_map(tmp_path):
 def test_output_stride_error_names_the_values():
     with pytest.raises(ValueError, match=r"model.output_stride is 8, 16, 32 or null \(got 12\)"):
         _cfg("model.output_stride=12")
+
+
+def test_drop_path_rate_is_timms_stochastic_depth():
+    default = build_model(_cfg().model)
+    dropped = build_model(_cfg("model.drop_path_rate=0.5").model)
+    for m in default.modules():  # timm zero-inits each block's last BatchNorm: a dropped branch would add 0 anyway
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
+    dropped.load_state_dict(default.state_dict())  # the same parameters
+    probs = [m.drop_prob for m in dropped.modules() if isinstance(m, timm.layers.DropPath)]
+    n = sum(isinstance(m, timm.models.resnet.BasicBlock) for m in dropped.modules())
+    # timm's linear rule over the n residual blocks: 0 for the first (no DropPath), the rate for the last
+    assert n >= 4 and probs == pytest.approx([0.5 * i / (n - 1) for i in range(1, n)])
+    x = torch.randn(4, 3, 64, 64)
+    default.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x), default(x))  # off at evaluation
+    dropped.train()
+    torch.manual_seed(0)
+    first = dropped(x)
+    assert not torch.allclose(dropped(x), first)  # branches dropped at random in training
+    with pytest.raises(ValueError, match=r"model.drop_path_rate is in \[0, 1\) \(got 1.0\)"):
+        _cfg("model.drop_path_rate=1.0")

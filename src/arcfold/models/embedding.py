@@ -47,6 +47,8 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
     if cfg.output_stride is not None:  # timm dilates the last stages instead of striding (same weights)
         kwargs["output_stride"] = cfg.output_stride
+    if cfg.drop_path_rate > 0:  # only when asked: not every timm model takes the argument
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.pretrained_path:
         path = Path(cfg.pretrained_path)
         if not path.is_file():
