@@ -28,9 +28,10 @@ per loop (``ru_maxrss``). The per-batch cost of each stage (each data loader alo
 remainder) is reported. CUDA/AMP rows are skipped without a GPU. Run from the project root (needs
 ``../shared/data/omniglot``)::
 
-    python benchmarks/bench_train.py [--rounds 240] [--round-batches 1]
+    python benchmarks/bench_train.py [--rounds 240] [--round-batches 1] [--set KEY=VALUE ... --name NAME]
 
-Writes ``benchmarks/results/bench_train.json`` and its section of ``BENCHMARKS.md``.
+Writes ``benchmarks/results/bench_train.json`` and its section of ``BENCHMARKS.md``; with ``--set`` (config
+overrides, e.g. ``model.output_stride=null`` for the backbone's own stride) ``bench_train_<NAME>`` instead.
 """
 
 from __future__ import annotations
