@@ -183,3 +183,10 @@ def test_drop_path_rate_is_timms_stochastic_depth():
     assert not torch.allclose(dropped(x), first)  # branches dropped at random in training
     with pytest.raises(ValueError, match=r"model.drop_path_rate is in \[0, 1\) \(got 1.0\)"):
         _cfg("model.drop_path_rate=1.0")
+
+
+def test_a_backbone_without_the_timm_argument_is_a_one_line_error():
+    # timm's VisionTransformer has no output_stride: its TypeError about a constructor argument names the config key
+    cfg = _cfg("model.backbone=vit_tiny_patch16_224", "model.output_stride=16")
+    with pytest.raises(ValueError, match=r"model.output_stride=16: timm's 'vit_tiny_patch16_224' does not take"):
+        build_model(cfg.model)

@@ -42,6 +42,24 @@ __all__ = [
 CHECKPOINT_FORMAT = "arcfold.embedding/1"
 
 
+_OPTIONAL_TIMM_KEYS = ("output_stride", "drop_path_rate")  # passed only when set: not every timm model takes them
+
+
+def _timm_model(cfg: ModelConfig, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(cfg.backbone, **kwargs)``; a model that does not take one of :data:`_OPTIONAL_TIMM_KEYS`
+    is a one-line error naming the config key (timm's own is a TypeError about a constructor argument)."""
+    try:
+        return timm.create_model(cfg.backbone, **kwargs)
+    except TypeError as e:
+        key = next((k for k in _OPTIONAL_TIMM_KEYS if k in kwargs and f"'{k}'" in str(e)), None)
+        if key is None:
+            raise
+        raise ValueError(
+            f"model.{key}={kwargs[key]}: timm's {cfg.backbone!r} does not take {key!r}; leave model.{key} at its "
+            "default for this backbone"
+        ) from None
+
+
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """timm backbone without classifier or pooling; weights from timm, a local file, or random."""
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
@@ -61,7 +79,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         overlay = {"file": str(path), "source": "", "url": None, "hf_hub_id": None}
         try:
             # timm reads .safetensors with safetensors and anything else with torch.load(weights_only=True)
-            return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            return _timm_model(cfg, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         except (SafetensorError, OSError, EOFError) as e:  # not a safetensors file, a truncated .pth, ...
             raise CorruptFileError(
                 f"cannot read model.pretrained_path={path}: truncated, corrupt or not a weights file "
@@ -73,7 +91,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
                 raise unsafe from None
             # key/shape mismatch from load_state_dict
             raise RuntimeError(f"model.pretrained_path={path} does not fit backbone {cfg.backbone!r}: {e}") from e
-    return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+    return _timm_model(cfg, pretrained=cfg.pretrained, **kwargs)
 
 
 class EmbeddingModel(nn.Module):
