@@ -175,7 +175,8 @@ def test_drop_path_rate_is_timms_stochastic_depth():
     # timm's linear rule over the n residual blocks: 0 for the first (no DropPath), the rate for the last
     assert n >= 4 and probs == pytest.approx([0.5 * i / (n - 1) for i in range(1, n)])
     x = torch.randn(4, 3, 64, 64)
-    default.eval(), dropped.eval()
+    default.eval()
+    dropped.eval()
     torch.testing.assert_close(dropped(x), default(x))  # off at evaluation
     dropped.train()
     torch.manual_seed(0)

@@ -42,7 +42,7 @@ __all__ = [
 CHECKPOINT_FORMAT = "arcfold.embedding/1"
 
 
-_OPTIONAL_TIMM_KEYS = ("output_stride", "drop_path_rate")  # passed only when set: not every timm model takes them
+_OPTIONAL_TIMM_KEYS = ("output_stride", "drop_path_rate")  # ModelConfig keys passed to timm only when set
 
 
 def _timm_model(cfg: ModelConfig, **kwargs: Any) -> nn.Module:
@@ -63,10 +63,9 @@ def _timm_model(cfg: ModelConfig, **kwargs: Any) -> nn.Module:
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """timm backbone without classifier or pooling; weights from timm, a local file, or random."""
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
-    if cfg.output_stride is not None:  # timm dilates the last stages instead of striding (same weights)
-        kwargs["output_stride"] = cfg.output_stride
-    if cfg.drop_path_rate > 0:  # only when asked: not every timm model takes the argument
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    # output_stride (the last stages dilated instead of strided, same weights), drop_path_rate: only when set (null
+    # and 0 are the backbone's own behaviour), since not every timm model takes them
+    kwargs |= {key: getattr(cfg, key) for key in _OPTIONAL_TIMM_KEYS if getattr(cfg, key)}
     if cfg.pretrained_path:
         path = Path(cfg.pretrained_path)
         if not path.is_file():
