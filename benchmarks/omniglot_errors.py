@@ -4,11 +4,12 @@ Reads what ``benchmarks/omniglot.py`` left (no training): for seed 0 and each re
 ``oof/bench_arcfold[_seed<S>]/test.npz`` (the 3 fold models' test embeddings, from ``python -m arcfold test``) and the
 reference's ``oof/bench_reference[_seed<S>]/fold<k>.npz``. Each side's 3 fold models are combined as the benchmark
 combines them (L2-normalised, concatenated), and every test image is a leave-one-out query against the other 959:
-its nearest neighbour is right or wrong. Reported per seed: the errors of each side in each alphabet of the test
-split (Recall@1 of that alphabet's queries, the gallery the whole split, as the benchmark scores it), the queries
-only one side gets wrong, a 95 % bootstrap interval of the Recall@1 difference over the characters (seeded), and the
-confused pairs of characters with the most errors. The totals are checked against
-:func:`arcfold.retrieval.metrics.retrieval_metrics` (the benchmark's evaluator).
+its nearest neighbour (:func:`arcfold.retrieval.self_knn.self_topk`, the evaluator's exact search) is right or
+wrong. Reported per seed: the errors of each side in each alphabet of the test split (Recall@1 of that alphabet's
+queries, the gallery the whole split, as the benchmark scores it), the queries only one side gets wrong, a 95 %
+bootstrap interval of the Recall@1 difference over the characters (seeded), and the confused pairs of characters
+with the most errors. The totals are checked against :func:`arcfold.retrieval.metrics.retrieval_metrics` (the
+benchmark's evaluator).
 
     python benchmarks/omniglot_errors.py [--config configs/omniglot_arcface.yaml] [--top 6]
 
@@ -33,22 +34,15 @@ from arcfold.data.table import FOLD, GROUP, ID, LABEL  # noqa: E402
 from arcfold.io import load_npz, save_json, save_text  # noqa: E402
 from arcfold.retrieval.ensemble import blend_embeddings  # noqa: E402
 from arcfold.retrieval.metrics import retrieval_metrics  # noqa: E402
+from arcfold.retrieval.self_knn import self_topk  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def nearest_neighbour(emb: np.ndarray) -> np.ndarray:
-    """Index of each row's nearest other row by cosine similarity (leave-one-out)."""
-    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    return sim.argmax(axis=1)
 
 
 def side(members: list[np.ndarray], labels: np.ndarray) -> dict:
     """One side's ensemble: per query, whether its nearest neighbour is of its class, and that neighbour's label."""
     emb = blend_embeddings(members, [1.0] * len(members))
-    nn = nearest_neighbour(emb)
+    nn = self_topk(emb, 1, exclude_self=True).idx[:, 0]  # the evaluator's exact search, ties and all
     wrong = labels[nn] != labels
     check = 1.0 - float(retrieval_metrics(emb, labels)["recall@1"])
     if abs(wrong.mean() - check) > 1e-9:
@@ -85,7 +79,8 @@ def analyse(arcfold: Path, reference: Path, labels: np.ndarray, groups: np.ndarr
         for name, s in sides.items()
     }
     worst = sorted(
-        set(pairs["arcfold"]) | set(pairs["reference"]), key=lambda p: -(pairs["arcfold"][p] + pairs["reference"][p])
+        set(pairs["arcfold"]) | set(pairs["reference"]),
+        key=lambda p: (-(pairs["arcfold"][p] + pairs["reference"][p]), p),
     )
     wa, wr = sides["arcfold"]["wrong"], sides["reference"]["wrong"]
     return {
