@@ -19,6 +19,7 @@ Writes ``benchmarks/results/omniglot_errors.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -157,11 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     ids = test[ID].to_numpy().astype(str)
     oof = ROOT / cfg.paths.oof_dir
     seeds = {}
-    for seed in range(10):
-        suffix = f"_seed{seed}" if seed else ""
-        arc, ref = oof / f"bench_arcfold{suffix}", oof / f"bench_reference{suffix}"
-        if (arc / "test.npz").exists() and (ref / "fold0.npz").exists():
-            seeds[str(seed)] = analyse(arc, ref, labels, groups, ids, args.top)
+    for arc in oof.glob("bench_arcfold*/test.npz"):
+        found = re.fullmatch(r"bench_arcfold(_seed(\d+))?", arc.parent.name)  # omniglot.py's names: _seed<S>, S > 0
+        ref = oof / arc.parent.name.replace("bench_arcfold", "bench_reference")
+        if found and (ref / "fold0.npz").exists():
+            seeds[found[2] or "0"] = analyse(arc.parent, ref, labels, groups, ids, args.top)
+    seeds = dict(sorted(seeds.items(), key=lambda item: int(item[0])))  # seed 0, then the replicates
     if not seeds:
         sys.exit("no oof/bench_arcfold*/test.npz with its oof/bench_reference*: run benchmarks/omniglot.py first")
     result = {
