@@ -16,7 +16,7 @@ Rows (``--rows``, each through the real command lines, so a row is exactly what 
 - ``arcfold``: ``bash train_fold.sh 0..2 CONFIG`` then ``python -m arcfold test``;
 - ``ema``, ``previous``, ``subcenter``, ``batch16``, ``os16``: the same with the overrides in ``VARIANTS``
   (``previous``: the defaults before the study's round 3, pinned; ``subcenter``, ``batch16``: round 4's candidates,
-  not adopted; ``os16``: round 5's ``model.output_stride=16``);
+  not adopted; ``os16``: round 5's ``model.output_stride=16``, the default until round 8 made it 8);
 - ``two_stage``: ``STAGE1_EPOCHS`` epochs at 64 px, then ``model.init_from=models/<stage 1>/fold{fold}.pt`` at 96 px
   for the remaining epochs (same number of images seen as the 10-epoch rows);
 - ``full``: ``bash train_fold.sh full CONFIG`` (one model on all 3 folds' rows, never the test split) for the
@@ -78,7 +78,8 @@ VARIANTS = {  # row -> overrides on top of the config (one key per row: the row 
     # study round 4 (omniglot_defaults_study.md): the two largest gains on fold 0, measured on every fold
     "subcenter": ["head.name=subcenter_arcface", "head.subcenters=3"],  # 3 class centres per class
     "batch16": ["train.batch_size=16"],  # twice batch 32's steps for the same images
-    # re-ID's "last stride 1" (timm's output_stride=16: the last stage dilated, a 4 x 4 map at 64 px instead of 2 x 2)
+    # re-ID's "last stride 1" (timm's output_stride=16: the last stage dilated, a 4 x 4 map at 64 px instead of 2 x 2):
+    # the default of study rounds 5-7, pinned since round 8's output_stride 8
     "os16": ["model.output_stride=16"],
     # the defaults before the study's round 3 (omniglot_defaults_study.md), pinned: Linear-BN neck, batch 64,
     # warm-up from lr / 100 and cosine to lr / 100
