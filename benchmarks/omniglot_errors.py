@@ -8,7 +8,8 @@ its nearest neighbour (:func:`arcfold.retrieval.self_knn.self_topk`, the evaluat
 wrong. Reported per seed: the errors of each side in each alphabet of the test split (Recall@1 of that alphabet's
 queries, the gallery the whole split, as the benchmark scores it), the queries only one side gets wrong, a 95 %
 bootstrap interval of the Recall@1 difference over the characters (seeded), and the confused pairs of characters
-with the most errors. The totals are checked against :func:`arcfold.retrieval.metrics.retrieval_metrics` (the
+with the most errors; with replicates, every seed together (the mean difference and its interval over the
+characters). The totals are checked against :func:`arcfold.retrieval.metrics.retrieval_metrics` (the
 benchmark's evaluator).
 
     python benchmarks/omniglot_errors.py [--config configs/omniglot_arcface.yaml] [--top 6]
@@ -38,6 +39,7 @@ from arcfold.retrieval.metrics import retrieval_metrics  # noqa: E402
 from arcfold.retrieval.self_knn import self_topk  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+SIDES = ("arcfold", "reference")
 
 
 def side(members: list[np.ndarray], labels: np.ndarray) -> dict:
@@ -51,15 +53,41 @@ def side(members: list[np.ndarray], labels: np.ndarray) -> dict:
     return {"wrong": wrong, "neighbour": labels[nn]}
 
 
-def bootstrap_difference(wrong_a: np.ndarray, wrong_b: np.ndarray, labels: np.ndarray, draws: int = 10_000) -> list:
-    """95 % interval of Recall@1(a) - Recall@1(b) over the characters: the test split's characters drawn with
-    replacement (their queries' right/wrong kept), as its errors cluster in pairs of characters, not in images."""
-    _, inverse = np.unique(labels, return_inverse=True)
-    n = np.bincount(inverse)
-    gain = np.bincount(inverse, weights=wrong_b.astype(float) - wrong_a.astype(float))  # per character
+def per_character(wrong_a: np.ndarray, wrong_b: np.ndarray, labels: np.ndarray) -> dict[str, list[int]]:
+    """Per character: [queries, errors of b - errors of a] (a's Recall@1 gain over b, in queries)."""
+    chars, inverse = np.unique(labels, return_inverse=True)
+    n = np.bincount(inverse, minlength=len(chars))
+    gain = np.bincount(inverse, weights=wrong_b.astype(float) - wrong_a.astype(float), minlength=len(chars))
+    return {str(c): [int(k), int(g)] for c, k, g in zip(chars, n, gain, strict=True)}
+
+
+def bootstrap_difference(characters: dict[str, list[int]], draws: int = 10_000) -> list:
+    """95 % interval of Recall@1(a) - Recall@1(b) over the characters (:func:`per_character`; summed over seeds,
+    the interval of the seeds' mean difference): the characters drawn with replacement, their queries' right/wrong
+    kept, as the test split's errors cluster in pairs of characters, not in images."""
+    n, gain = np.array(list(characters.values()), dtype=float).T
     picks = np.random.default_rng(0).integers(0, len(n), size=(draws, len(n)))
     diff = gain[picks].sum(axis=1) / n[picks].sum(axis=1)
     return [float(v) for v in np.percentile(diff, [2.5, 97.5])]
+
+
+def pooled(seeds: dict[str, dict]) -> dict:
+    """Every seed together: each side's mean Recall@1, their mean difference and its 95 % interval over the
+    characters (each character's queries and gains summed over the seeds, so a character weighs the same at every
+    seed)."""
+    chars: dict[str, list[int]] = {}
+    for r in seeds.values():
+        for c, (k, g) in r["characters"].items():
+            chars[c] = [chars.get(c, [0, 0])[0] + k, chars.get(c, [0, 0])[1] + g]
+    recall = {side: [1 - r["errors"][side] / r["n"] for r in seeds.values()] for side in SIDES}
+    difference = np.subtract(recall["arcfold"], recall["reference"])
+    return {
+        "seeds": list(seeds),
+        "recall@1": {side: float(np.mean(values)) for side, values in recall.items()},
+        "difference": float(difference.mean()),
+        "difference_sd": float(difference.std(ddof=1)) if len(difference) > 1 else 0.0,
+        "difference_ci95": bootstrap_difference(chars),
+    }
 
 
 def analyse(arcfold: Path, reference: Path, labels: np.ndarray, groups: np.ndarray, ids: np.ndarray, top: int) -> dict:
@@ -94,7 +122,8 @@ def analyse(arcfold: Path, reference: Path, labels: np.ndarray, groups: np.ndarr
             "only_arcfold": int((wa & ~wr).sum()),
             "only_reference": int((~wa & wr).sum()),
         },
-        "difference_ci95": bootstrap_difference(wa, wr, labels),
+        "difference_ci95": bootstrap_difference(per_character(wa, wr, labels)),
+        "characters": per_character(wa, wr, labels),
         "per_group": per_group,
         "pairs": [
             {"pair": list(p), "arcfold": pairs["arcfold"][p], "reference": pairs["reference"][p]} for p in worst[:top]
@@ -143,6 +172,16 @@ def render(result: dict) -> str:
         lines += [
             f"| {seed} | `{p['pair'][0]}` / `{p['pair'][1]}` | {p['arcfold']} | {p['reference']} |" for p in r["pairs"]
         ]
+    if "pooled" in result:
+        p = result["pooled"]
+        lines += [
+            "",
+            f"Seeds {', '.join(p['seeds'])} together: mean R@1 arcfold {p['recall@1']['arcfold']:.4f}, reference "
+            f"{p['recall@1']['reference']:.4f}, difference **{p['difference']:+.4f}** (sd over seeds "
+            f"{p['difference_sd']:.4f}); 95 % interval of the seeds' mean difference over the characters (bootstrap, "
+            f"each character's queries and errors summed over the seeds) {p['difference_ci95'][0]:+.4f} .. "
+            f"{p['difference_ci95'][1]:+.4f}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python benchmarks/omniglot_errors.py", *(argv if argv is not None else sys.argv[1:])]),
         "seeds": seeds,
     }
+    if len(seeds) > 1:
+        result["pooled"] = pooled(seeds)
     save_json(RESULTS / "omniglot_errors.json", result)
     save_text(RESULTS / "omniglot_errors.md", render(result))
     print(render(result))

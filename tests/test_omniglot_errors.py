@@ -34,3 +34,15 @@ def test_errors_per_alphabet_and_pair_on_a_hand_made_case(tmp_path):
     assert out["difference_ci95"] == [0.5, 1.0]
     assert out["pairs"] == [{"pair": ["A", "B"], "arcfold": 1, "reference": 4}]
     assert "| 0 | all | 4 | 1 | 4 | 0.7500 | 0.0000 | +0.7500 |" in module.render({"command": "c", "seeds": {"0": out}})
+    assert out["characters"] == {"A": [2, 2], "B": [2, 1]}  # [queries, reference errors - arcfold errors]
+
+    # a second seed where arcfold's embeddings are the reference's: 4 errors each, no gain on either character
+    save_npz(tmp_path / "arc1" / "test.npz", ids=ids, fold0=ref)
+    other = module.analyse(tmp_path / "arc1", tmp_path / "ref", labels, groups, ids, top=3)
+    both = module.pooled({"0": out, "1": other})
+    assert both["recall@1"] == {"arcfold": 0.375, "reference": 0.0}  # (0.75 + 0) / 2, (0 + 0) / 2
+    assert both["difference"] == 0.375 and np.isclose(both["difference_sd"], 0.75 / np.sqrt(2))
+    # summed over the seeds: A 4 queries, gain 2; B 4 queries, gain 1. Two characters drawn: 0.5 (A, A), 0.375
+    # (A and B), 0.25 (B, B), each end a quarter of the draws: the 95 % interval is [0.25, 0.5]
+    assert both["difference_ci95"] == [0.25, 0.5]
+    assert "difference **+0.3750**" in module.render({"command": "c", "seeds": {"0": out, "1": other}, "pooled": both})
