@@ -78,7 +78,9 @@ def pooled(seeds: dict[str, dict]) -> dict:
     chars: dict[str, list[int]] = {}
     for r in seeds.values():
         for c, (k, g) in r["characters"].items():
-            chars[c] = [chars.get(c, [0, 0])[0] + k, chars.get(c, [0, 0])[1] + g]
+            total = chars.setdefault(c, [0, 0])
+            total[0] += k
+            total[1] += g
     recall = {side: [1 - r["errors"][side] / r["n"] for r in seeds.values()] for side in SIDES}
     difference = np.subtract(recall["arcfold"], recall["reference"])
     return {
@@ -112,6 +114,7 @@ def analyse(arcfold: Path, reference: Path, labels: np.ndarray, groups: np.ndarr
         key=lambda p: (-(pairs["arcfold"][p] + pairs["reference"][p]), p),
     )
     wa, wr = sides["arcfold"]["wrong"], sides["reference"]["wrong"]
+    characters = per_character(wa, wr, labels)
     return {
         "experiments": [arcfold.name, reference.name],
         "n": len(labels),
@@ -122,8 +125,8 @@ def analyse(arcfold: Path, reference: Path, labels: np.ndarray, groups: np.ndarr
             "only_arcfold": int((wa & ~wr).sum()),
             "only_reference": int((~wa & wr).sum()),
         },
-        "difference_ci95": bootstrap_difference(per_character(wa, wr, labels)),
-        "characters": per_character(wa, wr, labels),
+        "difference_ci95": bootstrap_difference(characters),
+        "characters": characters,
         "per_group": per_group,
         "pairs": [
             {"pair": list(p), "arcfold": pairs["arcfold"][p], "reference": pairs["reference"][p]} for p in worst[:top]
